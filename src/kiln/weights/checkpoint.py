@@ -1,0 +1,36 @@
+"""Checkpoint: everything read from a model source, in Hugging Face terms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+import torch
+
+WeightIterator = Iterator[tuple[str, torch.Tensor]]
+
+
+@dataclass
+class Checkpoint:
+    """A resolved model: config, tokenizer and a lazy stream of weights.
+
+    Every source (a Hugging Face directory, a hub id, a GGUF file) is turned into this one shape,
+    so models only ever see Hugging Face parameter names and config keys.
+    """
+
+    name: str
+    """What the user asked for (hub id, path), shown in logs and by the server."""
+    path: Path
+    """Local directory or file the weights are read from."""
+    config: dict[str, Any]
+    """Hugging Face ``config.json`` contents (rebuilt from metadata for GGUF)."""
+    tokenizer: tokenizers.Tokenizer
+    tokenizer_config: dict[str, Any]
+    """``tokenizer_config.json`` contents: ``chat_template``, ``bos_token``, ``eos_token``,
+    ``add_bos_token``, ``add_eos_token``, ``added_tokens_decoder``..."""
+    load_weights: Callable[[], WeightIterator]
+    """Yields ``(hf_parameter_name, tensor)`` pairs; called once, when the model is built."""
+    generation_config: dict[str, Any] = field(default_factory=dict)
