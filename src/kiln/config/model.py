@@ -63,7 +63,9 @@ class ModelConfig:
             )
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             if getattr(self, name) <= 0:
-                raise ModelLoadError(f"config.json: {name} must be positive, got {getattr(self, name)}")
+                raise ModelLoadError(
+                    f"config.json: {name} must be positive, got {getattr(self, name)}"
+                )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ModelLoadError(
                 f"config.json: num_attention_heads ({self.num_attention_heads}) is not a multiple "
@@ -82,7 +84,9 @@ class ModelConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
+    def from_hf(
+        cls, hf: dict[str, Any], generation_config: dict[str, Any] | None = None
+    ) -> ModelConfig:
         """Normalise a Hugging Face config dict (plus generation_config.json, whose
         ``eos_token_id`` list, when present, adds stop ids)."""
         model_type = hf.get("model_type")
@@ -116,9 +120,13 @@ class ModelConfig:
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.is_file():
-            raise ModelLoadError(f"{config_file}: not found (a Hugging Face model needs config.json)")
+            raise ModelLoadError(
+                f"{config_file}: not found (a Hugging Face model needs config.json)"
+            )
         gen_file = path / "generation_config.json"
-        return cls.from_hf(read_json(config_file), read_json(gen_file) if gen_file.is_file() else None)
+        return cls.from_hf(
+            read_json(config_file), read_json(gen_file) if gen_file.is_file() else None
+        )
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -1,0 +1,53 @@
+"""The `kiln` command: one typed function per sub-command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kiln.cli.args import add_command, call_command
+from kiln.cli.bench import bench_generate
+from kiln.cli.chat import chat
+from kiln.cli.generate import generate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kiln", description="From an open LLM checkpoint to a chatbot."
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    add_command(commands, generate)
+    add_command(commands, chat)
+    bench = commands.add_parser("bench", help="benchmarks that print ratios against a peer")
+    add_command(
+        bench.add_subparsers(title="benchmarks", required=True, metavar="BENCH"),
+        bench_generate,
+        "generate",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from kiln.errors import KilnError
+
+    try:
+        return int(call_command(args) or 0)
+    except KilnError as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _version() -> str:
+    from kiln import __version__
+
+    return f"kiln {__version__}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

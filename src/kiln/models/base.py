@@ -1,0 +1,93 @@
+"""What every kiln model provides, and the checkpoint-to-parameter copy they share."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from kiln.config import ModelConfig
+from kiln.errors import ModelLoadError
+from kiln.models.layers.attention import AttentionMetadata
+from kiln.models.layers.linear import Linear
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM over flattened token batches.
+
+    ``forward`` takes all tokens of a step in one flat tensor (prefill chunks and decodes of many
+    sequences mixed), their positions, one KV cache tensor per layer and the step's
+    :class:`AttentionMetadata`; it returns hidden states. The caller picks the rows it needs
+    logits for (usually each sequence's last token) and calls :meth:`compute_logits`.
+    """
+
+    # (fused parameter fragment, checkpoint fragment, shard index): e.g. q/k/v -> qkv_proj.
+    stacked_params: tuple[tuple[str, str, int], ...] = ()
+    # Checkpoint entries that are buffers in Hugging Face models, not weights.
+    ignored_weights: tuple[str, ...] = (r"rotary_emb\.inv_freq$",)
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        raise NotImplementedError  # each architecture defines its forward
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
+        raise NotImplementedError  # each architecture defines its LM head
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into parameters, casting dtype.
+
+        Raises :class:`ModelLoadError` naming ``source`` and the key for an unknown key, a shape
+        mismatch, or a parameter the checkpoint never provided.
+        """
+        params = dict(self.named_parameters())
+        missing = {name: set(range(_num_shards(self, name))) for name in params}
+        ignored = [re.compile(p) for p in self.ignored_weights]
+        for hf_name, tensor in weights:
+            if any(p.search(hf_name) for p in ignored):
+                continue
+            name, shard = self._param_for(hf_name)
+            if name not in params:
+                if self.config.tie_word_embeddings and hf_name == "lm_head.weight":
+                    continue  # tied checkpoints sometimes store the shared matrix twice
+                raise ModelLoadError(
+                    f"{source}: unexpected weight {hf_name!r} for a {self.config.model_type} model "
+                    f"with this config (is config.json from the same checkpoint?)"
+                )
+            param = params[name]
+            target = param.data
+            if shard is not None:
+                layer = self.get_submodule(name.rsplit(".", 1)[0])
+                assert isinstance(layer, Linear)
+                target = target[layer.shard_rows(shard)]
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ModelLoadError(
+                    f"{source}: weight {hf_name!r} has shape {tuple(tensor.shape)}, the config "
+                    f"implies {tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+            missing[name].discard(shard or 0)
+        absent = sorted(n for n, shards in missing.items() if shards)
+        if absent:
+            raise ModelLoadError(f"{source}: checkpoint has no weight for {', '.join(absent[:5])}")
+
+    def _param_for(self, hf_name: str) -> tuple[str, int | None]:
+        for fused, original, shard in self.stacked_params:
+            if original in hf_name:
+                return hf_name.replace(original, fused), shard
+        return hf_name, None
+
+
+def _num_shards(model: nn.Module, param_name: str) -> int:
+    owner = model.get_submodule(param_name.rsplit(".", 1)[0]) if "." in param_name else model
+    return len(owner.output_sizes) if isinstance(owner, Linear) else 1

@@ -1,0 +1,121 @@
+"""GPT-J (the tutorials' GPT-J-6B demo): attention and MLP in parallel off one LayerNorm,
+interleaved rotary on the first ``rotary_dim`` dims of each head, biased LM head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.config import ModelConfig
+from kiln.models.base import CausalLM
+from kiln.models.layers.attention import AttentionMetadata, PagedAttention
+from kiln.models.layers.linear import Linear
+from kiln.models.layers.norm import LayerNorm
+from kiln.models.layers.rotary import RotaryEmbedding
+
+
+class GPTJAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.qkv_proj = Linear(hidden, [hidden] * 3)
+        self.out_proj = Linear(hidden, hidden)
+        self.attn = PagedAttention(
+            self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rotary: RotaryEmbedding,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        shape = (x.shape[0], self.num_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+        q = rotary.apply(q.reshape(shape), *cos_sin)
+        k = rotary.apply(k.reshape(shape), *cos_sin)
+        return self.out_proj(self.attn(q, k, v.reshape(shape), kv_cache, attn_metadata))
+
+
+class GPTJMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc_in = Linear(config.hidden_size, config.intermediate_size, bias=True)
+        self.fc_out = Linear(config.intermediate_size, config.hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
+
+
+class GPTJBlock(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(config.hidden_size, config.norm_eps)
+        self.attn = GPTJAttention(config)
+        self.mlp = GPTJMLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rotary: RotaryEmbedding,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        h = self.ln_1(x)
+        return x + self.attn(h, cos_sin, rotary, kv_cache, attn_metadata) + self.mlp(h)
+
+
+class GPTJForCausalLM(CausalLM):
+    stacked_params = (
+        ("attn.qkv_proj", "attn.q_proj", 0),
+        ("attn.qkv_proj", "attn.k_proj", 1),
+        ("attn.qkv_proj", "attn.v_proj", 2),
+    )
+    # Hugging Face GPT-J checkpoints carry the causal mask as buffers.
+    ignored_weights = (r"attn\.bias$", r"attn\.masked_bias$")
+
+    def __init__(self, config: ModelConfig, max_positions: int | None = None) -> None:
+        super().__init__(config)
+        if config.hidden_act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported activation {config.hidden_act!r} for gptj")
+        self.transformer = nn.Module()
+        self.transformer.wte = nn.Embedding(
+            config.vocab_size,
+            config.hidden_size,
+            _weight=torch.empty(config.vocab_size, config.hidden_size),
+        )
+        self.transformer.wte.weight.requires_grad_(False)
+        self.transformer.h = nn.ModuleList(
+            GPTJBlock(config) for _ in range(config.num_hidden_layers)
+        )
+        self.transformer.ln_f = LayerNorm(config.hidden_size, config.norm_eps)
+        self.rotary = RotaryEmbedding(
+            config.head_dim,
+            config.rotary_dim or config.head_dim,
+            max_positions or config.max_position_embeddings,
+            config.rope_theta,
+            interleaved=True,
+        )
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=True)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = self.transformer.wte(input_ids)
+        cos_sin = self.rotary.cos_sin(positions, x.dtype)
+        for block, kv_cache in zip(self.transformer.h, kv_caches, strict=True):
+            x = block(x, cos_sin, self.rotary, kv_cache, attn_metadata)
+        return self.transformer.ln_f(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,152 @@
+"""Attention over a paged KV cache.
+
+The cache of one layer is a tensor ``[2, num_blocks, block_size, num_kv_heads, head_dim]``
+(keys, values). A sequence owns a list of blocks (its block table); token ``i`` of the sequence
+lives in slot ``block_table[i // block_size] * block_size + i % block_size``.
+Everything that depends only on the batch layout (slots, masks) is computed once per step in
+:class:`AttentionMetadata` and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class SequenceAttention:
+    """Layout of one sequence in a step."""
+
+    query_start: int
+    num_query_tokens: int
+    context_len: int
+    """Tokens in the context after this step (already cached + this step's)."""
+    kv_slots: torch.Tensor | slice
+    """Cache slots of the whole context in order: a slice when the blocks are contiguous (a
+    view, no copy), else an index tensor ``[context_len]``."""
+    mask: torch.Tensor | None
+    """``[num_query_tokens, context_len]`` bool (True = attend), None when no mask is needed."""
+    is_causal: bool
+    """Plain causal attention (fresh prefill without window): SDPA builds the mask itself."""
+
+
+@dataclass
+class AttentionMetadata:
+    """How a step's flattened tokens split into sequences and where their keys/values live."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot for each new token
+    sequences: list[SequenceAttention]
+
+    @classmethod
+    def build(
+        cls,
+        num_computed_tokens: Sequence[int],
+        num_new_tokens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_size: int,
+        sliding_window: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Layout for sequences that already have ``num_computed_tokens`` cached and bring
+        ``num_new_tokens`` in this step (a prefill chunk, or 1 for a decode)."""
+        slot_chunks: list[torch.Tensor] = []
+        sequences: list[SequenceAttention] = []
+        query_start = 0
+        for computed, new, table in zip(
+            num_computed_tokens, num_new_tokens, block_tables, strict=True
+        ):
+            context_len = computed + new
+            num_blocks = -(-context_len // block_size)
+            if num_blocks > len(table):
+                raise ValueError(f"block table has {len(table)} blocks, context needs {num_blocks}")
+            kv_slots = _context_slots(table[:num_blocks], block_size, context_len, device)
+            new_slots = (
+                kv_slots[computed:context_len] if isinstance(kv_slots, torch.Tensor) else None
+            )
+            if new_slots is None:
+                start = kv_slots.start + computed
+                new_slots = torch.arange(start, start + new, device=device)
+            slot_chunks.append(new_slots)
+            mask, is_causal = _mask(computed, new, sliding_window, device)
+            sequences.append(
+                SequenceAttention(query_start, new, context_len, kv_slots, mask, is_causal)
+            )
+            query_start += new
+        slot_mapping = torch.cat(slot_chunks) if slot_chunks else torch.empty(0, dtype=torch.long)
+        return cls(slot_mapping=slot_mapping, sequences=sequences)
+
+
+def _context_slots(
+    blocks: Sequence[int], block_size: int, context_len: int, device: torch.device | str
+) -> torch.Tensor | slice:
+    first = blocks[0]
+    if all(b == first + i for i, b in enumerate(blocks)):
+        return slice(first * block_size, first * block_size + context_len)
+    table = torch.tensor(list(blocks), dtype=torch.long, device=device)
+    offsets = torch.arange(block_size, device=device)
+    return (table[:, None] * block_size + offsets).flatten()[:context_len]
+
+
+def _mask(
+    num_computed: int, num_new: int, sliding_window: int | None, device: torch.device | str
+) -> tuple[torch.Tensor | None, bool]:
+    context_len = num_computed + num_new
+    window_bites = sliding_window is not None and context_len > sliding_window
+    if not window_bites:
+        if num_new == 1:
+            return None, False  # one query token attends to the whole context
+        if num_computed == 0:
+            return None, True
+    query_pos = torch.arange(num_computed, context_len, device=device)[:, None]
+    key_pos = torch.arange(context_len, device=device)[None, :]
+    mask = key_pos <= query_pos
+    if window_bites:
+        mask &= query_pos - key_pos < sliding_window
+    return mask, False
+
+
+class PagedAttention(nn.Module):
+    """Writes this step's keys/values into the paged cache, then attends per sequence."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, num_heads * head_dim]
+        key_cache = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [slots, kv, D]
+        value_cache = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
+        key_cache[metadata.slot_mapping] = k
+        value_cache[metadata.slot_mapping] = v
+        gqa = self.num_heads != self.num_kv_heads
+        outputs = []
+        for seq in metadata.sequences:
+            rows = slice(seq.query_start, seq.query_start + seq.num_query_tokens)
+            q_seq = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
+            k_seq = key_cache[seq.kv_slots].transpose(0, 1).unsqueeze(0)  # [1, KV, L, D]
+            v_seq = value_cache[seq.kv_slots].transpose(0, 1).unsqueeze(0)
+            out = F.scaled_dot_product_attention(
+                q_seq,
+                k_seq,
+                v_seq,
+                attn_mask=seq.mask,
+                is_causal=seq.is_causal,
+                scale=self.scale,
+                enable_gqa=gqa,
+            )
+            outputs.append(out.squeeze(0).transpose(0, 1))  # [q, H, D]
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return out.reshape(out.shape[0], self.num_heads * self.head_dim)

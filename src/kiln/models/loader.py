@@ -1,0 +1,80 @@
+"""Build a kiln model from a Checkpoint: pick the class, the dtype and copy the weights in."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+
+import torch
+from tqdm import tqdm
+
+from kiln.config import ModelConfig
+from kiln.errors import ModelLoadError
+from kiln.models.base import CausalLM
+from kiln.models.registry import MODEL_REGISTRY
+from kiln.weights.checkpoint import Checkpoint
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_dtype(requested: str, config: ModelConfig, device: torch.device) -> torch.dtype:
+    """``auto`` follows config.json's ``torch_dtype`` (float32 when absent, as for GGUF).
+
+    float16 on CPU falls back to float32: CPU kernels for it are slow and some are missing.
+    """
+    name = (config.torch_dtype or "float32") if requested == "auto" else requested
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {requested!r}; use auto, float32, bfloat16 or float16")
+    dtype = DTYPES[name]
+    if dtype == torch.float16 and device.type == "cpu":
+        logger.warning("float16 is not supported well on CPU; using float32 instead")
+        dtype = torch.float32
+    return dtype
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(
+    checkpoint: Checkpoint,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int | None = None,
+    progress: bool = False,
+) -> CausalLM:
+    """Allocate the model directly in ``dtype`` on ``device`` and load the checkpoint's weights."""
+    model_cls = MODEL_REGISTRY[config.model_type]
+    with _default_dtype(dtype), device:
+        model = model_cls(config, max_positions=max_positions)
+    with torch.no_grad():
+        weights = tqdm(
+            checkpoint.load_weights(),
+            desc="Loading weights",
+            unit=" tensors",
+            disable=not progress,
+            file=sys.stderr,
+            leave=False,
+        )
+        model.load_weights(weights, source=str(checkpoint.path))
+    return model.eval()
