@@ -26,27 +26,37 @@ class DecodeResult:
         return statistics.median(self.tokens_per_s)
 
 
-def _decode_rate(run: Callable[[int], int], num_tokens: int, repeats: int) -> list[float]:
+def _decode_rate(run: Callable[[int], int], num_tokens: int) -> float:
     """Tokens/s of decoding alone: time(N tokens) - time(1 token) removes prefill and setup."""
-    run(num_tokens)  # warm-up: first-call allocations, kernel selection
-    rates = []
+    start = time.perf_counter()
+    run(1)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    produced = run(num_tokens)
+    total = time.perf_counter() - start
+    return (produced - 1) / (total - prefill)
+
+
+def compare(
+    runners: dict[str, Callable[[int], int]], num_tokens: int, repeats: int
+) -> list[DecodeResult]:
+    """Measure each runner ``repeats`` times, interleaved so that drift in the machine's speed
+    (other tenants, frequency) hits every side alike; one warm-up run each first."""
+    for run in runners.values():
+        run(num_tokens)
+    results = {name: DecodeResult(name, []) for name in runners}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run(1)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        produced = run(num_tokens)
-        total = time.perf_counter() - start
-        rates.append((produced - 1) / (total - prefill))
-    return rates
+        for name, run in runners.items():
+            results[name].tokens_per_s.append(_decode_rate(run, num_tokens))
+    return list(results.values())
 
 
-def bench_kiln(llm: LLM, num_tokens: int, repeats: int) -> DecodeResult:
+def kiln_runner(llm: LLM) -> Callable[[int], int]:
     def run(n: int) -> int:
         params = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
         return len(llm.generate(PROMPT, params)[0].token_ids)
 
-    return DecodeResult("kiln", _decode_rate(run, num_tokens, repeats))
+    return run
 
 
 def load_transformers(path: Path, dtype: torch.dtype) -> tuple[object, object]:
@@ -63,9 +73,7 @@ def load_transformers(path: Path, dtype: torch.dtype) -> tuple[object, object]:
     return model, tokenizer
 
 
-def bench_transformers(
-    model: object, tokenizer: object, num_tokens: int, repeats: int
-) -> DecodeResult:
+def transformers_runner(model: object, tokenizer: object) -> Callable[[int], int]:
     inputs = tokenizer(PROMPT, return_tensors="pt")  # type: ignore[operator]
 
     @torch.inference_mode()
@@ -79,4 +87,4 @@ def bench_transformers(
         )
         return out.shape[1] - inputs["input_ids"].shape[1]
 
-    return DecodeResult("transformers", _decode_rate(run, num_tokens, repeats))
+    return run

@@ -17,6 +17,9 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype)
 def allocate_kv_cache(
     config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> list[torch.Tensor]:
-    """``num_hidden_layers`` tensors ``[2, num_blocks, block_size, num_kv_heads, head_dim]``."""
-    shape = (2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    """``num_hidden_layers`` tensors ``[2, num_blocks * block_size, num_kv_heads, head_dim]``.
+
+    Slots are stored flat: blocks are a bookkeeping unit, and a flat layout lets attention
+    read a sequence's context with one index (or a slice when its blocks are contiguous)."""
+    shape = (2, num_blocks * block_size, config.num_key_value_heads, config.head_dim)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]

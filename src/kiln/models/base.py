@@ -11,7 +11,7 @@ from torch import nn
 from kiln.config import ModelConfig
 from kiln.errors import ModelLoadError
 from kiln.models.layers.attention import AttentionMetadata
-from kiln.models.layers.linear import Linear
+from kiln.models.layers.linear import Linear, cpu_packing_available
 
 
 class CausalLM(nn.Module):
@@ -80,6 +80,15 @@ class CausalLM(nn.Module):
         absent = sorted(n for n, shards in missing.items() if shards)
         if absent:
             raise ModelLoadError(f"{source}: checkpoint has no weight for {', '.join(absent[:5])}")
+
+    def prepare_for_cpu(self) -> None:
+        """Inference-only layout change for CPU decode: prepack every linear layer's weight
+        (see :meth:`Linear.pack_for_cpu`). Call after :meth:`load_weights`."""
+        if not cpu_packing_available():
+            return
+        for module in self.modules():
+            if isinstance(module, Linear) and module.packed_weight is None:
+                module.pack_for_cpu()
 
     def _param_for(self, hf_name: str) -> tuple[str, int | None]:
         for fused, original, shard in self.stacked_params:

@@ -35,11 +35,10 @@ class GPTJAttention(nn.Module):
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        shape = (x.shape[0], self.num_heads, self.head_dim)
-        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
-        q = rotary.apply(q.reshape(shape), *cos_sin)
-        k = rotary.apply(k.reshape(shape), *cos_sin)
-        return self.out_proj(self.attn(q, k, v.reshape(shape), kv_cache, attn_metadata))
+        qkv = self.qkv_proj(x).view(x.shape[0], 3 * self.num_heads, self.head_dim)
+        q, k = rotary.apply(qkv[:, : 2 * self.num_heads], *cos_sin).chunk(2, dim=1)
+        v = qkv[:, 2 * self.num_heads :]
+        return self.out_proj(self.attn(q, k, v, kv_cache, attn_metadata))
 
 
 class GPTJMLP(nn.Module):

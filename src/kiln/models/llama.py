@@ -12,7 +12,7 @@ from torch import nn
 from kiln.config import ModelConfig
 from kiln.models.base import CausalLM
 from kiln.models.layers.attention import AttentionMetadata, PagedAttention
-from kiln.models.layers.linear import Linear
+from kiln.models.layers.linear import Linear, cpu_packing_available
 from kiln.models.layers.norm import RMSNorm
 from kiln.models.layers.rotary import RotaryEmbedding
 
@@ -50,10 +50,11 @@ class LlamaAttention(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotary.apply(q.view(num_tokens, self.num_heads, self.head_dim), *cos_sin)
-        k = rotary.apply(k.view(num_tokens, self.num_kv_heads, self.head_dim), *cos_sin)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x).view(num_tokens, -1, self.head_dim)  # [T, H + 2 KV, D]
+        # One rotary pass over the q and k heads together: half the small ops per layer.
+        qk = rotary.apply(qkv[:, : self.num_heads + self.num_kv_heads], *cos_sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.num_heads + self.num_kv_heads :]
         return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata))
 
 
@@ -128,6 +129,9 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig, max_positions: int | None = None) -> None:
         super().__init__(config)
         self.model = LlamaModel(config, max_positions or config.max_position_embeddings)
+        # Tied models read the embedding matrix as their head, unless packing gives the head
+        # its own (faster) copy.
+        self.lm_head: Linear | None = None
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
@@ -146,6 +150,11 @@ class LlamaForCausalLM(CausalLM):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.config.tie_word_embeddings:
+        if self.lm_head is None:
             return F.linear(hidden, self.model.embed_tokens.weight)
         return self.lm_head(hidden)
+
+    def prepare_for_cpu(self) -> None:
+        if self.lm_head is None and cpu_packing_available():
+            self.lm_head = Linear.from_weight(self.model.embed_tokens.weight)
+        super().prepare_for_cpu()

@@ -77,4 +77,6 @@ def build_model(
             leave=False,
         )
         model.load_weights(weights, source=str(checkpoint.path))
+    if device.type == "cpu":
+        model.prepare_for_cpu()
     return model.eval()

@@ -1,8 +1,9 @@
 """Attention over a paged KV cache.
 
-The cache of one layer is a tensor ``[2, num_blocks, block_size, num_kv_heads, head_dim]``
-(keys, values). A sequence owns a list of blocks (its block table); token ``i`` of the sequence
-lives in slot ``block_table[i // block_size] * block_size + i % block_size``.
+The cache of one layer is a tensor ``[2, num_slots, num_kv_heads, head_dim]`` (keys, values),
+its slots grouped into blocks of ``block_size``. A sequence owns a list of blocks (its block
+table); token ``i`` of the sequence lives in slot
+``block_table[i // block_size] * block_size + i % block_size``.
 Everything that depends only on the batch layout (slots, masks) is computed once per step in
 :class:`AttentionMetadata` and shared by every layer.
 """
@@ -124,29 +125,30 @@ class PagedAttention(nn.Module):
         q: torch.Tensor,  # [T, num_heads, head_dim]
         k: torch.Tensor,  # [T, num_kv_heads, head_dim]
         v: torch.Tensor,  # [T, num_kv_heads, head_dim]
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_slots, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
-        key_cache = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [slots, kv, D]
-        value_cache = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
+        key_cache, value_cache = kv_cache
         key_cache[metadata.slot_mapping] = k
         value_cache[metadata.slot_mapping] = v
         gqa = self.num_heads != self.num_kv_heads
+        # NOTE: 4-D inputs: with 3-D ones CPU SDPA takes its slow math path (~4x slower).
+        q = q.transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
+        single = len(metadata.sequences) == 1
         outputs = []
         for seq in metadata.sequences:
-            rows = slice(seq.query_start, seq.query_start + seq.num_query_tokens)
-            q_seq = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
-            k_seq = key_cache[seq.kv_slots].transpose(0, 1).unsqueeze(0)  # [1, KV, L, D]
-            v_seq = value_cache[seq.kv_slots].transpose(0, 1).unsqueeze(0)
+            q_seq = (
+                q if single else q[:, :, seq.query_start : seq.query_start + seq.num_query_tokens]
+            )
             out = F.scaled_dot_product_attention(
                 q_seq,
-                k_seq,
-                v_seq,
+                key_cache[seq.kv_slots].transpose(0, 1).unsqueeze(0),  # [1, KV, L, D]
+                value_cache[seq.kv_slots].transpose(0, 1).unsqueeze(0),
                 attn_mask=seq.mask,
                 is_causal=seq.is_causal,
                 scale=self.scale,
                 enable_gqa=gqa,
-            )
-            outputs.append(out.squeeze(0).transpose(0, 1))  # [q, H, D]
-        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        return out.reshape(out.shape[0], self.num_heads * self.head_dim)
+            )  # [1, H, q, D]
+            outputs.append(out)
+        out = outputs[0] if single else torch.cat(outputs, dim=2)
+        return out[0].transpose(0, 1).reshape(-1, self.num_heads * self.head_dim)

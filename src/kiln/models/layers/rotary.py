@@ -70,28 +70,31 @@ class RotaryEmbedding(nn.Module):
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This step's tables at the full rotary width: ``[T, 1, rotary_dim]`` each."""
+        """This step's tables at the full rotary width, ``[T, 1, rotary_dim]`` each; the sine
+        carries the rotation's sign so :meth:`apply` needs no negation. Built once per step,
+        shared by every layer."""
         if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
             raise ValueError(
                 f"position {int(positions.max())} is past the rotary table ({self.cos.shape[0]})"
             )
-        cos, sin = self.cos[positions], self.sin[positions]
-        if self.interleaved:
-            cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
-        else:
-            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+        cos, sin = self.cos[positions], self.sin[positions]  # [T, rotary_dim // 2]
+        if self.interleaved:  # pairs (x0, x1) -> (x0 c - x1 s, x1 c + x0 s)
+            cos = cos.repeat_interleave(2, dim=-1)
+            sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
+        else:  # halves (a, b) -> (a c - b s, b c + a s)
+            cos = torch.cat((cos, cos), dim=-1)
+            sin = torch.cat((-sin, sin), dim=-1)
         return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` ``[T, heads, head_dim]`` with tables from :meth:`cos_sin`."""
         if self.rotary_dim == self.head_dim:
-            return x * cos + self._rotate(x) * sin
+            return torch.addcmul(x * cos, self._swap(x), sin)
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        return torch.cat((rot * cos + self._rotate(rot) * sin, rest), dim=-1)
+        return torch.cat((torch.addcmul(rot * cos, self._swap(rot), sin), rest), dim=-1)
 
-    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+    def _swap(self, x: torch.Tensor) -> torch.Tensor:
+        """The partner of each rotated dim: adjacent pairs swapped (GPT-J) or halves swapped."""
         if self.interleaved:
-            x1, x2 = x[..., ::2], x[..., 1::2]
-            return torch.stack((-x2, x1), dim=-1).flatten(-2)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((-x2, x1), dim=-1)
+            return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        return x.roll(self.rotary_dim // 2, dims=-1)
