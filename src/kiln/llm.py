@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from kiln.config import ModelConfig
+from kiln.config import CacheConfig, ModelConfig, SchedulerConfig
 from kiln.engine.engine import Engine
-from kiln.engine.kv_cache import allocate_kv_cache, kv_bytes_per_block
+from kiln.engine.kv_cache import allocate_kv_cache, num_kv_blocks
 from kiln.engine.outputs import CompletionOutput, RequestOutput
 from kiln.engine.runner import ModelRunner
 from kiln.errors import InvalidRequestError
@@ -25,7 +25,6 @@ from kiln.weights.resolve import resolve_checkpoint
 logger = logging.getLogger(__name__)
 
 Message = dict[str, Any]
-DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB: 22k tokens of SmolLM2-135M in float32
 
 
 class LLM:
@@ -38,8 +37,13 @@ class LLM:
         device: ``cpu``, ``cuda``...; None picks CUDA when available.
         max_model_len: context length (prompt + output); defaults to the model's maximum.
         chat_template: a template file or built-in name to use instead of the checkpoint's.
-        kv_cache_memory: bytes for the KV cache.
+        kv_cache_memory: bytes for the KV cache (default: 1 GiB on CPU, 90% of the GPU's free
+            memory after loading on CUDA).
         max_num_seqs: most sequences generated at once.
+        max_num_batched_tokens: most tokens computed per step; longer prompts are prefilled
+            in chunks.
+        block_size: tokens per KV cache block.
+        enable_prefix_caching: reuse the KV cache of a prompt's longest already-seen prefix.
         progress: show a progress bar while loading weights.
     """
 
@@ -51,9 +55,11 @@ class LLM:
         device: str | None = None,
         max_model_len: int | None = None,
         chat_template: str | None = None,
-        kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY,
+        kv_cache_memory: int | None = None,
         max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
         block_size: int = 16,
+        enable_prefix_caching: bool = True,
         progress: bool = False,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -76,16 +82,27 @@ class LLM:
             max_positions=self.max_model_len,
             progress=progress,
         )
-        num_blocks = kv_cache_memory // kv_bytes_per_block(self.config, block_size, self.dtype)
-        if num_blocks < 1:
-            raise InvalidRequestError(f"kv_cache_memory {kv_cache_memory} bytes holds no KV block")
+        cache_config = CacheConfig(
+            block_size=block_size,
+            kv_cache_memory=kv_cache_memory,
+            enable_prefix_caching=enable_prefix_caching,
+        )
+        num_blocks = num_kv_blocks(self.config, cache_config, self.dtype, self.device)
         kv_caches = allocate_kv_cache(self.config, num_blocks, block_size, self.dtype, self.device)
         eos_token_ids = frozenset(self.config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
         runner = ModelRunner(self.model, kv_caches, block_size, self.device, eos_token_ids)
         self.engine = Engine(
-            runner, self.config, self.tokenizer, num_blocks, self.max_model_len, max_num_seqs
+            runner,
+            self.tokenizer,
+            SchedulerConfig(
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+            ),
+            num_blocks,
+            self.max_model_len,
+            eos_token_ids,
+            enable_prefix_caching=enable_prefix_caching,
         )
         self._request_counter = itertools.count()
 

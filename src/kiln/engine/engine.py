@@ -1,155 +1,144 @@
-"""Engine: admits requests, runs steps, streams per-request outputs.
-
-NOTE: this first engine reserves each request's whole KV budget (prompt + max_new_tokens) when
-it is admitted and runs whole prefills; the token-budget scheduler with chunked prefill,
-preemption and prefix caching replaces that policy without changing this interface.
-"""
+"""Engine: one step is exactly schedule -> execute -> update, then text for each new token."""
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
+import time
 
-from kiln.config import ModelConfig
-from kiln.engine.block_pool import BlockPool
+from kiln.config import SchedulerConfig
+from kiln.engine.io import TokenOutput
+from kiln.engine.kv_cache import KVCacheManager
+from kiln.engine.metrics import EngineMetrics, EngineStats
+from kiln.engine.output_processor import OutputProcessor
 from kiln.engine.outputs import RequestOutput
+from kiln.engine.request import FinishReason, Request
 from kiln.engine.runner import ModelRunner
-from kiln.engine.sequence import FinishReason, Sequence
+from kiln.engine.scheduler import Scheduler
 from kiln.errors import ContextLengthError
 from kiln.sampling import SamplingParams, make_generator
-from kiln.text.detokenizer import IncrementalDetokenizer
-from kiln.text.stop import StopStringMatcher
 from kiln.text.tokenizer import Tokenizer
 
 
-@dataclass
-class _TextState:
-    detokenizer: IncrementalDetokenizer
-    stops: StopStringMatcher | None
-
-
 class Engine:
+    """Continuous batching over a paged KV cache. Not thread-safe: drive it from one thread
+    (``LLM`` does directly, ``AsyncEngine`` from its loop thread)."""
+
     def __init__(
         self,
         runner: ModelRunner,
-        config: ModelConfig,
         tokenizer: Tokenizer,
+        scheduler_config: SchedulerConfig,
         num_blocks: int,
         max_model_len: int,
-        max_num_seqs: int = 64,
+        eos_token_ids: frozenset[int],
+        enable_prefix_caching: bool = True,
     ) -> None:
         self.runner = runner
-        self.config = config
         self.tokenizer = tokenizer
         self.block_size = runner.block_size
-        self.block_pool = BlockPool(num_blocks)
         self.max_model_len = max_model_len
-        self.max_num_seqs = max_num_seqs
-        self.eos_token_ids = runner.eos_token_ids
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self._text: dict[str, _TextState] = {}
+        self.eos_token_ids = eos_token_ids
+        self.kv_cache = KVCacheManager(num_blocks, self.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler_config, self.kv_cache)
+        self.output_processor = OutputProcessor(tokenizer)
+        self.metrics = EngineMetrics()
+
+    @property
+    def max_cache_tokens(self) -> int:
+        return self.kv_cache.num_blocks * self.block_size
+
+    def check_fits(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
+        """Reject at admission what could never finish: raises ContextLengthError."""
+        if num_prompt_tokens == 0:
+            raise ContextLengthError("the prompt is empty: at least one token is needed")
+        total = num_prompt_tokens + max_new_tokens
+        if total > self.max_model_len:
+            raise ContextLengthError(
+                f"input ({num_prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = "
+                f"{total} exceeds the model's context of {self.max_model_len} tokens"
+            )
+        if total > self.max_cache_tokens:
+            raise ContextLengthError(
+                f"input ({num_prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = "
+                f"{total} exceeds the whole KV cache ({self.max_cache_tokens} tokens)"
+            )
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> None:
-        if not prompt_token_ids:
-            raise ContextLengthError("the prompt is empty: at least one token is needed")
-        num_prompt = len(prompt_token_ids)
-        if num_prompt >= self.max_model_len:
-            raise ContextLengthError(
-                f"the prompt has {num_prompt} tokens; the model's context is {self.max_model_len} "
-                f"tokens, so at most {self.max_model_len - 1} fit with room to generate"
-            )
-        total = min(num_prompt + params.max_new_tokens, self.max_model_len)
-        if self._blocks_for(total) > self.block_pool.num_blocks:
-            raise ContextLengthError(
-                f"prompt ({num_prompt}) + max_new_tokens ({params.max_new_tokens}) needs "
-                f"{self._blocks_for(total) * self.block_size} KV cache slots; the cache has "
-                f"{self.block_pool.num_blocks * self.block_size}"
-            )
-        seq = Sequence(
+    ) -> Request:
+        self.check_fits(len(prompt_token_ids), params.max_new_tokens)
+        request = Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
             params=params,
             eos_token_ids=self.eos_token_ids,
-            max_total_tokens=self.max_model_len,
-            generator=make_generator(params.seed),
+            max_model_len=self.max_model_len,
+            generator=make_generator(params.seed, self.runner.device),
         )
-        self._text[request_id] = _TextState(
-            IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
-            StopStringMatcher(params.stop) if params.stop else None,
-        )
-        self.waiting.append(seq)
+        self.scheduler.add_request(request)
+        self.output_processor.add_request(request)
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; False if it was not (or no longer) known."""
+        request = self.scheduler.finish_request(request_id, FinishReason.ABORT)
+        self.output_processor.remove_request(request_id)
+        if request is not None:
+            self._record_finished(request, time.monotonic())
+        return request is not None
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
-
-    def abort(self, request_id: str) -> None:
-        for queue in (self.waiting, self.running):
-            for seq in list(queue):
-                if seq.request_id == request_id:
-                    queue.remove(seq)
-                    self._release(seq)
+        return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        self._admit()
-        if not self.running:
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
             return []
-        batch = [(seq, seq.num_tokens - seq.num_computed_tokens) for seq in self.running]
-        sampled, sampler_output = self.runner.execute(batch)
-        outputs: list[RequestOutput] = []
-        if sampler_output is None:
-            return outputs
-        for i, seq in enumerate(sampled):
-            token_id = sampler_output.token_ids[i]
-            seq.append_token(token_id)
-            out = RequestOutput(request_id=seq.request_id, text="", token_ids=[token_id])
-            if sampler_output.logprobs is not None:
-                out.logprobs = [sampler_output.logprobs[i]]
-            if sampler_output.top_logprobs and sampler_output.top_logprobs[i]:
-                out.top_logprobs = [sampler_output.top_logprobs[i]]
-            out.text = self._detokenize(seq, token_id)
-            out.finish_reason = seq.finish_reason
-            out.num_prompt_tokens = len(seq.prompt_token_ids)
-            out.num_output_tokens = len(seq.output_token_ids)
-            outputs.append(out)
-        for seq in [s for s in self.running if s.is_finished]:
-            self.running.remove(seq)
-            self._release(seq)
+        model_output = self.runner.execute(scheduler_output)
+        token_outputs = self.scheduler.update(scheduler_output, model_output)
+        now = time.monotonic()
+        outputs = [self._process(t, now) for t in token_outputs]
+        self.metrics.num_steps += 1
+        self.metrics.tokens_per_step.observe(scheduler_output.num_batched_tokens)
         return outputs
 
-    def _detokenize(self, seq: Sequence, token_id: int) -> str:
-        state = self._text[seq.request_id]
-        delta = state.detokenizer.add([token_id])
-        if seq.is_finished:
-            delta += state.detokenizer.flush()  # bytes held back for an unfinished character
-        if state.stops is None:
-            return delta
-        text, hit = state.stops.feed(delta)
-        if hit:
-            seq.finish_reason = FinishReason.STOP_SEQUENCE
-        elif seq.is_finished:
-            text += state.stops.flush()
-        return text
+    def stats(self) -> EngineStats:
+        kv = self.kv_cache
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_kv_blocks=kv.num_blocks,
+            num_kv_blocks_used=kv.num_used_blocks,
+            num_kv_blocks_cached=kv.num_cached_blocks,
+            prefix_cache_queries=kv.prefix_queries,
+            prefix_cache_hits=kv.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
 
-    def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            total = min(len(seq.prompt_token_ids) + seq.params.max_new_tokens, self.max_model_len)
-            needed = self._blocks_for(total)
-            if needed > self.block_pool.num_free_blocks:
-                break  # FCFS: later requests wait behind this one
-            seq.block_table = self.block_pool.allocate(needed)
-            self.waiting.popleft()
-            self.running.append(seq)
+    def _process(self, token_output: TokenOutput, now: float) -> RequestOutput:
+        request = token_output.request
+        if len(request.output_token_ids) == 1:
+            self.metrics.time_to_first_token.observe(now - request.arrival_time)
+        output = self.output_processor.process(token_output)
+        if (
+            output.finish_reason is FinishReason.STOP_SEQUENCE
+            and token_output.finish_reason is None
+        ):
+            self.scheduler.finish_request(request.request_id, FinishReason.STOP_SEQUENCE)
+        if output.finished:
+            self._record_finished(request, now)
+        return output
 
-    def _release(self, seq: Sequence) -> None:
-        if seq.finish_reason is None:
-            seq.finish_reason = FinishReason.ABORT
-        self.block_pool.free(seq.block_table)
-        seq.block_table = []
-        self._text.pop(seq.request_id, None)
-
-    def _blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+    def _record_finished(self, request: Request, now: float) -> None:
+        m = self.metrics
+        reason = request.finish_reason.value if request.finish_reason else "abort"
+        m.num_requests_finished[reason] = m.num_requests_finished.get(reason, 0) + 1
+        num_output = len(request.output_token_ids)
+        m.num_prompt_tokens += request.num_prompt_tokens
+        m.num_generation_tokens += num_output
+        m.prompt_tokens.observe(request.num_prompt_tokens)
+        m.generation_tokens.observe(num_output)
+        m.e2e_latency.observe(now - request.arrival_time)
+        if request.scheduled_time is not None:
+            m.queue_time.observe(request.scheduled_time - request.arrival_time)
+        if request.first_token_time is not None and num_output > 1:
+            m.time_per_output_token.observe((now - request.first_token_time) / (num_output - 1))

@@ -1,10 +1,10 @@
-"""What the engine hands back per request per step."""
+"""What the engine hands back: per-step text deltas, and finished generations."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kiln.engine.sequence import FinishReason
+from kiln.engine.request import FinishReason
 
 
 @dataclass
@@ -21,6 +21,8 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache."""
 
     @property
     def finished(self) -> bool:

@@ -1,15 +1,13 @@
-"""ModelRunner: turns a batch of (sequence, tokens to compute) into one forward pass and samples."""
+"""ModelRunner: turns a SchedulerOutput into one forward pass and samples the next tokens."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence as Seq
-
 import torch
 
-from kiln.engine.sequence import Sequence
+from kiln.engine.io import ModelOutput, SchedulerOutput
 from kiln.models.base import CausalLM
 from kiln.models.layers.attention import AttentionMetadata
-from kiln.sampling import Sampler, SamplerOutput, SamplingRow
+from kiln.sampling import Sampler, SamplingRow
 
 
 class ModelRunner:
@@ -27,33 +25,26 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
-        self.eos_token_ids = eos_token_ids
         self.sampler = Sampler(sorted(eos_token_ids))  # min_new_tokens blocks these
 
     @torch.inference_mode()
-    def execute(
-        self, batch: Seq[tuple[Sequence, int]]
-    ) -> tuple[list[Sequence], SamplerOutput | None]:
-        """Compute ``num_new`` tokens of each sequence (a prefill chunk or one decode token).
-
-        Returns the sequences that reached their last token (and so get a sampled token) and
-        the sampler output for them, in the same order.
-        """
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelOutput:
+        """Compute every scheduled chunk in one flattened batch; sample for the chunks that
+        reach their request's last token. Does not change the requests."""
+        chunks = scheduler_output.chunks
         input_ids: list[int] = []
         positions: list[int] = []
         logits_rows: list[int] = []
-        sampled: list[Sequence] = []
-        for seq, num_new in batch:
-            start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids(start, start + num_new))
-            positions.extend(range(start, start + num_new))
-            if start + num_new == seq.num_tokens:
+        for chunk in chunks:
+            end = chunk.start + chunk.num_new_tokens
+            input_ids.extend(chunk.request.token_ids(chunk.start, end))
+            positions.extend(range(chunk.start, end))
+            if chunk.samples:
                 logits_rows.append(len(input_ids) - 1)
-                sampled.append(seq)
         metadata = AttentionMetadata.build(
-            [seq.num_computed_tokens for seq, _ in batch],
-            [num_new for _, num_new in batch],
-            [seq.block_table for seq, _ in batch],
+            [c.start for c in chunks],
+            [c.num_new_tokens for c in chunks],
+            [c.request.block_ids for c in chunks],
             self.block_size,
             self.model.config.sliding_window,
             self.device,
@@ -63,20 +54,26 @@ class ModelRunner:
             torch.tensor(positions, device=self.device),
             self.kv_caches,
             metadata,
-        )  # [T, hidden]
-        for seq, num_new in batch:
-            seq.num_computed_tokens += num_new
+        )  # [num_tokens, hidden]
+        sampled = [c.request for c in chunks if c.samples]
         if not sampled:
-            return [], None
-        rows = hidden[logits_rows] if len(logits_rows) < hidden.shape[0] else hidden
-        logits = self.model.compute_logits(rows).float()  # [num_sampled, vocab]
-        sampling_rows = [
+            return ModelOutput(request_ids=[], token_ids=[])
+        if len(logits_rows) < hidden.shape[0]:
+            hidden = hidden[logits_rows]
+        logits = self.model.compute_logits(hidden).float()  # [num_sampled, vocab]
+        rows = [
             SamplingRow(
-                params=seq.params,
-                prompt_token_ids=seq.prompt_token_ids,
-                output_token_ids=seq.output_token_ids,
-                generator=seq.generator,
+                params=r.params,
+                prompt_token_ids=r.prompt_token_ids,
+                output_token_ids=r.output_token_ids,
+                generator=r.generator,
             )
-            for seq in sampled
+            for r in sampled
         ]
-        return sampled, self.sampler(logits, sampling_rows)
+        out = self.sampler(logits, rows)
+        return ModelOutput(
+            request_ids=[r.request_id for r in sampled],
+            token_ids=out.token_ids,
+            logprobs=out.logprobs,
+            top_logprobs=out.top_logprobs,
+        )
