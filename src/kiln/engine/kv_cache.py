@@ -74,6 +74,10 @@ class KVCacheManager:
         """The longest run of cached blocks matching the start of the request's tokens.
 
         The last token is always left to compute: its logits give the next token.
+
+        NOTE: the hit-rate counters are updated by :meth:`allocate` when the admission
+        succeeds, not here: a request that does not fit is looked up again every step, and
+        counting each retry would skew the rate towards that request's.
         """
         if not self.enable_prefix_caching:
             return []
@@ -85,8 +89,6 @@ class KVCacheManager:
             if block is None:
                 break
             found.append(block)
-        self.prefix_queries += request.num_prompt_tokens
-        self.prefix_hits += min(len(found) * self.block_size, request.num_prompt_tokens)
         return found
 
     def allocate(
@@ -95,7 +97,9 @@ class KVCacheManager:
         """Give ``request`` blocks for ``num_new_tokens`` more tokens (after ``cached_blocks``,
         a prefix found by :meth:`find_cached_prefix` for a request being admitted).
 
-        Returns False, changing nothing, when there are not enough free blocks.
+        Returns False, changing nothing, when there are not enough free blocks. A successful
+        allocation for a request holding no blocks is its admission: it counts the prompt's
+        prefix-cache lookup in ``prefix_queries`` / ``prefix_hits``.
         """
         num_computed = request.num_computed_tokens + len(cached_blocks) * self.block_size
         num_required = self.blocks_for(num_computed + num_new_tokens)
@@ -104,6 +108,9 @@ class KVCacheManager:
         num_revived = sum(1 for b in cached_blocks if b.ref_count == 0)
         if max(num_new_blocks, 0) + num_revived > len(self._free):
             return False
+        if not request.block_ids and self.enable_prefix_caching:  # admitted: count the lookup
+            self.prefix_queries += request.num_prompt_tokens
+            self.prefix_hits += min(len(cached_blocks) * self.block_size, request.num_prompt_tokens)
         for block in cached_blocks:
             if block.ref_count == 0:
                 del self._free[block.block_id]

@@ -94,14 +94,24 @@ class Scheduler:
         self, scheduler_output: SchedulerOutput, model_output: ModelOutput
     ) -> list[TokenOutput]:
         """Apply a step's results: advance computed tokens, append sampled tokens, finish and
-        free requests that are done."""
+        free requests that are done.
+
+        NOTE: a request finished (aborted) between schedule() and update() is skipped: its
+        blocks are already freed, so its chunk must not register them, and its token must not
+        go to a new request that took its id meanwhile — hence the lookup in this step's chunks.
+        """
+        scheduled: dict[str, Request] = {}
         for chunk in scheduler_output.chunks:
-            chunk.request.num_computed_tokens = chunk.start + chunk.num_new_tokens
-            self.kv_cache.cache_full_blocks(chunk.request)
+            request = chunk.request
+            if request.is_finished:
+                continue
+            request.num_computed_tokens = chunk.start + chunk.num_new_tokens
+            self.kv_cache.cache_full_blocks(request)
+            scheduled[request.request_id] = request
         outputs: list[TokenOutput] = []
         now = time.monotonic()
         for i, request_id in enumerate(model_output.request_ids):
-            request = self.requests.get(request_id)
+            request = scheduled.get(request_id)
             if request is None or request.is_finished:
                 continue  # aborted while the step ran
             token_id = model_output.token_ids[i]

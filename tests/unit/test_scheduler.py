@@ -1,0 +1,688 @@
+"""Scheduler: token budget, chunked prefill, preemption, FCFS, aborts — with fake model outputs.
+
+No model: requests are built directly, ``schedule()`` is driven by hand and ``update()`` is fed
+a fake ``ModelOutput`` with one token for each chunk that samples. The token is a deterministic
+function of the request id and the output index (like greedy decoding), so a preempted request
+that recomputes its context must produce exactly the tokens it would have without preemption.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import zlib
+from collections import Counter
+
+import pytest
+
+from kiln.config import SchedulerConfig
+from kiln.engine.io import ModelOutput, SchedulerOutput, TokenOutput
+from kiln.engine.kv_cache import KVCacheManager
+from kiln.engine.request import FinishReason, Request, RequestStatus
+from kiln.engine.scheduler import QueueFullError, Scheduler
+from kiln.errors import KilnError
+from kiln.sampling import SamplingParams
+
+EOS = 0
+
+
+def make_request(
+    request_id: str,
+    prompt: list[int] | int,
+    max_new_tokens: int = 8,
+    *,
+    max_model_len: int = 4096,
+) -> Request:
+    """A request; an int prompt means that many distinct tokens derived from the id."""
+    if isinstance(prompt, int):
+        seed = zlib.crc32(request_id.encode())
+        prompt = [1 + (seed + 7 * i) % 1000 for i in range(prompt)]
+    return Request(
+        request_id,
+        list(prompt),
+        SamplingParams(max_new_tokens=max_new_tokens),
+        eos_token_ids=frozenset({EOS}),
+        max_model_len=max_model_len,
+    )
+
+
+def make_scheduler(
+    num_blocks: int = 64,
+    block_size: int = 4,
+    *,
+    max_num_seqs: int = 64,
+    max_num_batched_tokens: int = 2048,
+    max_waiting_requests: int | None = None,
+    enable_prefix_caching: bool = True,
+) -> Scheduler:
+    config = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_waiting_requests=max_waiting_requests,
+    )
+    return Scheduler(config, KVCacheManager(num_blocks, block_size, enable_prefix_caching))
+
+
+def fake_token(request_id: str, index: int, eos_every: int = 0) -> int:
+    """The token a request samples as its ``index``-th output: a function of both only."""
+    h = zlib.crc32(f"{request_id}/{index}".encode())
+    if eos_every and h % eos_every == 0:
+        return EOS
+    return 1 + h % 1000
+
+
+def fake_model_output(out: SchedulerOutput, eos_every: int = 0) -> ModelOutput:
+    """One token for each chunk that reaches its request's last token, in chunk order."""
+    request_ids: list[str] = []
+    token_ids: list[int] = []
+    for chunk in out.chunks:
+        if chunk.samples:
+            request = chunk.request
+            request_ids.append(request.request_id)
+            token_ids.append(
+                fake_token(request.request_id, len(request.output_token_ids), eos_every)
+            )
+    return ModelOutput(request_ids, token_ids, logprobs=[-0.25] * len(token_ids))
+
+
+def step(scheduler: Scheduler, eos_every: int = 0) -> tuple[SchedulerOutput, list[TokenOutput]]:
+    out = scheduler.schedule()
+    return out, scheduler.update(out, fake_model_output(out, eos_every))
+
+
+def run_to_completion(scheduler: Scheduler, max_steps: int = 10_000) -> int:
+    for num_steps in range(1, max_steps + 1):
+        step(scheduler)
+        if not scheduler.has_unfinished():
+            return num_steps
+    raise AssertionError(f"requests still unfinished after {max_steps} steps")
+
+
+def expected_tokens(request: Request, eos_every: int = 0) -> list[int]:
+    return [
+        fake_token(request.request_id, i, eos_every) for i in range(len(request.output_token_ids))
+    ]
+
+
+def spans(out: SchedulerOutput) -> list[tuple[str, int, int]]:
+    return [(c.request.request_id, c.start, c.num_new_tokens) for c in out.chunks]
+
+
+def check_kv(scheduler: Scheduler) -> None:
+    """Blocks are held exactly by running requests; ref counts are the number of holders; two
+    running requests share a block only if it is a cached (hashed) prefix block."""
+    kv = scheduler.kv_cache
+    holders: Counter[int] = Counter()
+    for request in scheduler.running:
+        assert request.status is RequestStatus.RUNNING
+        assert len(set(request.block_ids)) == len(request.block_ids)
+        holders.update(request.block_ids)
+    for request in scheduler.waiting:
+        assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+        assert request.block_ids == [] and request.num_computed_tokens == 0
+    assert kv.num_free_blocks + kv.num_used_blocks == kv.num_blocks
+    assert kv.num_used_blocks == len(holders)
+    for block in kv.blocks:
+        assert block.ref_count == holders[block.block_id]
+        assert (block.ref_count == 0) == (block.block_id in kv._free)
+        if block.ref_count > 1:
+            assert block.block_hash is not None
+            assert kv._cached[block.block_hash] is block
+    for block_hash, block in kv._cached.items():
+        assert block.block_hash == block_hash
+
+
+def check_all_free(scheduler: Scheduler) -> None:
+    kv = scheduler.kv_cache
+    assert not scheduler.running and not scheduler.waiting and not scheduler.requests
+    assert not scheduler.has_unfinished()
+    assert kv.num_free_blocks == kv.num_blocks and kv.num_used_blocks == 0
+    assert all(b.ref_count == 0 for b in kv.blocks)
+    assert not kv._hashes and not kv._num_registered  # no per-request bookkeeping leaks
+
+
+# --- token budget, chunked prefill -----------------------------------------------------------
+
+
+def test_empty_schedule() -> None:
+    scheduler = make_scheduler()
+    out = scheduler.schedule()
+    assert out.is_empty and out.num_batched_tokens == 0 and out.preempted == []
+    assert scheduler.update(out, ModelOutput([], [])) == []
+
+
+def test_long_prompt_is_chunked_and_samples_only_on_its_last_chunk() -> None:
+    scheduler = make_scheduler(block_size=4, max_num_batched_tokens=16)
+    r = make_request("long", 50, max_new_tokens=3)
+    scheduler.add_request(r)
+    starts = []
+    for expected_start, expected_len in ((0, 16), (16, 16), (32, 16), (48, 2)):
+        out, outputs = step(scheduler)
+        assert spans(out) == [("long", expected_start, expected_len)]
+        starts.append(expected_start)
+        end = expected_start + expected_len
+        assert r.num_computed_tokens == end
+        assert len(r.block_ids) == math.ceil(end / 4)
+        if end < 50:
+            assert outputs == [] and r.output_token_ids == []
+        else:
+            assert [o.token_id for o in outputs] == [fake_token("long", 0)]
+    # Then one decode token per step.
+    out, _ = step(scheduler)
+    assert spans(out) == [("long", 50, 1)] and out.chunks[0].request is r
+    out, outputs = step(scheduler)
+    assert spans(out) == [("long", 51, 1)]
+    assert outputs[0].finish_reason is FinishReason.LENGTH
+    assert r.output_token_ids == expected_tokens(r)
+    assert r.status is RequestStatus.FINISHED
+    check_all_free(scheduler)
+
+
+def test_samples_flag_matches_chunk_end() -> None:
+    scheduler = make_scheduler(max_num_batched_tokens=5)
+    r = make_request("r", 12)
+    scheduler.add_request(r)
+    out = scheduler.schedule()
+    assert [c.samples for c in out.chunks] == [False]
+    assert fake_model_output(out).request_ids == []
+    scheduler.update(out, fake_model_output(out))
+    out = scheduler.schedule()
+    assert spans(out) == [("r", 5, 5)] and not out.chunks[0].samples
+    scheduler.update(out, fake_model_output(out))
+    out = scheduler.schedule()
+    assert spans(out) == [("r", 10, 2)] and out.chunks[0].samples
+
+
+def test_decodes_are_scheduled_before_new_prefills() -> None:
+    scheduler = make_scheduler(max_num_batched_tokens=8)
+    a, b = make_request("a", 3), make_request("b", 3)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    out, _ = step(scheduler)
+    assert spans(out) == [("a", 0, 3), ("b", 0, 3)]
+    scheduler.add_request(make_request("c", 20))
+    out, _ = step(scheduler)
+    assert spans(out) == [("a", 3, 1), ("b", 3, 1), ("c", 0, 6)]
+    out, _ = step(scheduler)
+    assert spans(out) == [("a", 4, 1), ("b", 4, 1), ("c", 6, 6)]
+    assert out.num_batched_tokens == 8
+
+
+def test_older_prefill_is_continued_before_admitting_newer_requests() -> None:
+    scheduler = make_scheduler(max_num_batched_tokens=10)
+    scheduler.add_request(make_request("a", 25))
+    scheduler.add_request(make_request("b", 5))
+    out, _ = step(scheduler)
+    assert spans(out) == [("a", 0, 10)]
+    out, _ = step(scheduler)
+    assert spans(out) == [("a", 10, 10)]
+    out, _ = step(scheduler)
+    assert spans(out) == [("a", 20, 5), ("b", 0, 5)]
+
+
+def test_token_budget_and_max_num_seqs_are_respected() -> None:
+    scheduler = make_scheduler(num_blocks=200, max_num_seqs=3, max_num_batched_tokens=10)
+    rng = random.Random(0)
+    for i in range(12):
+        scheduler.add_request(make_request(f"r{i}", rng.randint(1, 30), rng.randint(1, 6)))
+    for _ in range(500):
+        out, _ = step(scheduler)
+        assert out.num_batched_tokens <= 10
+        assert len(scheduler.running) <= 3 and len(out.chunks) <= 3
+        assert all(c.num_new_tokens >= 1 for c in out.chunks)
+        if not scheduler.has_unfinished():
+            break
+    check_all_free(scheduler)
+
+
+def test_admission_stops_at_max_num_seqs_and_resumes_when_one_finishes() -> None:
+    scheduler = make_scheduler(max_num_seqs=2)
+    for rid, n in (("a", 1), ("b", 3), ("c", 1)):
+        scheduler.add_request(make_request(rid, 2, max_new_tokens=n))
+    out, _ = step(scheduler)  # a finishes on its first token
+    assert [c.request.request_id for c in out.chunks] == ["a", "b"]
+    out, _ = step(scheduler)
+    assert spans(out) == [("b", 2, 1), ("c", 0, 2)]
+
+
+# --- prefix caching through the scheduler ----------------------------------------------------
+
+
+def test_admission_reuses_the_cached_prefix() -> None:
+    scheduler = make_scheduler(block_size=4)
+    kv = scheduler.kv_cache
+    a = make_request("a", 20, max_new_tokens=1)
+    scheduler.add_request(a)
+    out = scheduler.schedule()
+    a_blocks = list(a.block_ids)
+    scheduler.update(out, fake_model_output(out))
+    assert a.is_finished and a.block_ids == []  # freed, but its full blocks stay cached
+    assert kv.num_cached_blocks == 5
+
+    b = make_request("b", [*a.prompt_token_ids[:16], 7, 8, 9])
+    same = make_request("same", a.prompt_token_ids)
+    scheduler.add_request(b)
+    scheduler.add_request(same)
+    out = scheduler.schedule()
+    # b reuses 4 blocks; the identical prompt reuses 4 of its 5 blocks (its last token's
+    # logits are needed) and shares them with b.
+    assert spans(out) == [("b", 16, 3), ("same", 16, 4)]
+    assert (b.num_cached_tokens, same.num_cached_tokens) == (16, 16)
+    assert b.block_ids[:4] == same.block_ids[:4] == a_blocks[:4]
+    assert all(kv.blocks[i].ref_count == 2 for i in b.block_ids[:4])
+    check_kv(scheduler)
+    scheduler.update(out, fake_model_output(out))
+    assert (kv.prefix_queries, kv.prefix_hits) == (20 + 19 + 20, 32)
+    run_to_completion(scheduler)
+    check_all_free(scheduler)
+
+
+# --- preemption ------------------------------------------------------------------------------
+
+
+def test_newest_running_request_is_preempted_and_later_finishes() -> None:
+    # 6 blocks of 2 tokens; three prompts of 4 tokens fill them; the oldest needs a new block.
+    scheduler = make_scheduler(num_blocks=6, block_size=2)
+    a, b, c = (make_request(rid, 4, max_new_tokens=6) for rid in "abc")
+    for r in (a, b, c):
+        scheduler.add_request(r)
+    out, _ = step(scheduler)
+    assert len(out.chunks) == 3 and scheduler.kv_cache.num_free_blocks == 0
+    d = make_request("d", 1, max_new_tokens=1)
+    scheduler.add_request(d)
+
+    out = scheduler.schedule()
+    assert out.preempted == [c]  # the newest, not b
+    assert spans(out) == [("a", 4, 1), ("b", 4, 1)]  # no admission in a preempting step
+    assert c.status is RequestStatus.PREEMPTED
+    assert c.block_ids == [] and c.num_computed_tokens == 0
+    assert c.output_token_ids == [fake_token("c", 0)]  # output so far is kept
+    assert list(scheduler.waiting) == [c, d]  # at the front, ahead of newer arrivals
+    assert (c.num_preemptions, scheduler.num_preemptions) == (1, 1)
+    check_kv(scheduler)
+    scheduler.update(out, fake_model_output(out))
+
+    # c resumes: it recomputes prompt + output (from its cached prefix, if still cached) in
+    # one chunk that samples, and finishes with the tokens it would have produced anyway.
+    resumed = None
+    for _ in range(100):
+        out = scheduler.schedule()
+        for chunk in out.chunks:
+            if chunk.request is c and resumed is None:
+                resumed = chunk
+                assert chunk.start == c.num_cached_tokens and chunk.start % 2 == 0
+                assert chunk.start + chunk.num_new_tokens == 5 and chunk.samples
+        check_kv(scheduler)
+        scheduler.update(out, fake_model_output(out))
+        if not scheduler.has_unfinished():
+            break
+    assert resumed is not None
+    for r in (a, b, c, d):
+        assert r.finish_reason is FinishReason.LENGTH
+        assert r.output_token_ids == expected_tokens(r)
+    assert len(c.output_token_ids) == 6
+    check_all_free(scheduler)
+
+
+def test_a_request_preempts_itself_when_it_is_the_newest() -> None:
+    scheduler = make_scheduler(num_blocks=5, block_size=2)
+    a, b = make_request("a", 4, max_new_tokens=4), make_request("b", 4, max_new_tokens=4)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    step(scheduler)
+    out = scheduler.schedule()  # a takes the last free block; b needs one too
+    assert out.preempted == [b] and spans(out) == [("a", 4, 1)]
+    assert scheduler.running == [a] and list(scheduler.waiting) == [b]
+    check_kv(scheduler)
+    scheduler.update(out, fake_model_output(out))
+    run_to_completion(scheduler)
+    assert b.output_token_ids == expected_tokens(b) and len(b.output_token_ids) == 4
+    check_all_free(scheduler)
+
+
+def test_several_preemptions_keep_arrival_order_in_the_waiting_queue() -> None:
+    scheduler = make_scheduler(num_blocks=8, block_size=1, max_num_batched_tokens=100)
+    reqs = [make_request(f"r{i}", 2, max_new_tokens=6) for i in range(4)]
+    for r in reqs:
+        scheduler.add_request(r)
+    step(scheduler)  # 4 x 2 blocks: full
+    # Each decode needs one block: r0's forces out r3 (freeing 2), r1 takes the other, r2
+    # finds none and preempts itself. They must wait in arrival order: r2, then r3.
+    out = scheduler.schedule()
+    assert out.preempted == [reqs[3], reqs[2]]
+    assert list(scheduler.waiting) == [reqs[2], reqs[3]]
+    assert spans(out) == [("r0", 2, 1), ("r1", 2, 1)]
+    check_kv(scheduler)
+    scheduler.update(out, fake_model_output(out))
+    run_to_completion(scheduler)
+    for r in reqs:
+        assert r.output_token_ids == expected_tokens(r) and len(r.output_token_ids) == 6
+    check_all_free(scheduler)
+
+
+def test_preempted_request_recomputes_from_scratch_without_prefix_caching() -> None:
+    scheduler = make_scheduler(num_blocks=5, block_size=2, enable_prefix_caching=False)
+    a, b = make_request("a", 4, max_new_tokens=4), make_request("b", 4, max_new_tokens=4)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    step(scheduler)
+    out, _ = step(scheduler)
+    assert out.preempted == [b]
+    while True:
+        out, _ = step(scheduler)
+        chunk = next((c for c in out.chunks if c.request is b), None)
+        if chunk is not None:
+            assert (chunk.start, chunk.num_new_tokens) == (0, 5)  # prompt + 1 output
+            assert len(b.output_token_ids) == 2  # it sampled
+            break
+    run_to_completion(scheduler)
+    assert b.output_token_ids == expected_tokens(b)
+    check_all_free(scheduler)
+
+
+# --- finishing -------------------------------------------------------------------------------
+
+
+def test_eos_and_length_finish_and_free() -> None:
+    scheduler = make_scheduler()
+    eos_every = 3
+    reqs = [make_request(f"r{i}", 5, max_new_tokens=10) for i in range(20)]
+    short = make_request("short", 5, max_new_tokens=100, max_model_len=7)
+    for r in [*reqs, short]:
+        scheduler.add_request(r)
+    seen: list[TokenOutput] = []
+    while scheduler.has_unfinished():
+        _, outputs = step(scheduler, eos_every)
+        seen.extend(outputs)
+    for r in reqs:
+        assert r.output_token_ids == expected_tokens(r, eos_every)
+        if r.output_token_ids[-1] == EOS:
+            assert r.finish_reason is FinishReason.EOS_TOKEN
+            assert EOS not in r.output_token_ids[:-1]
+        else:
+            assert r.finish_reason is FinishReason.LENGTH and len(r.output_token_ids) == 10
+    assert any(r.finish_reason is FinishReason.EOS_TOKEN for r in reqs)
+    assert short.num_tokens == 7
+    assert short.finish_reason in (FinishReason.LENGTH, FinishReason.EOS_TOKEN)
+    finals = [o for o in seen if o.finish_reason is not None]
+    assert len(finals) == len(reqs) + 1
+    assert all(o.logprob == -0.25 and o.top_logprobs == [] for o in seen)
+    check_all_free(scheduler)
+
+
+def test_abort_waiting_running_and_preempted_requests_frees_everything() -> None:
+    scheduler = make_scheduler(num_blocks=6, block_size=2)
+    a, b, c = (make_request(rid, 4, max_new_tokens=10) for rid in "abc")
+    d = make_request("d", 3)
+    for r in (a, b, c, d):
+        scheduler.add_request(r)
+    step(scheduler)
+    out, _ = step(scheduler)
+    assert out.preempted == [c]
+    assert c.status is RequestStatus.PREEMPTED
+
+    for r in (c, d, b):  # preempted, waiting (never admitted), running
+        assert scheduler.finish_request(r.request_id, FinishReason.ABORT) is r
+        assert r.status is RequestStatus.FINISHED and r.finish_reason is FinishReason.ABORT
+        assert r.block_ids == []
+        assert r not in scheduler.running and r not in scheduler.waiting
+        check_kv(scheduler)
+    assert scheduler.finish_request("b", FinishReason.ABORT) is None  # already gone
+    assert scheduler.finish_request("nope", FinishReason.ABORT) is None
+    assert scheduler.running == [a] and not scheduler.waiting
+    # a holds only its own blocks now; aborting it too leaves the cache empty.
+    assert scheduler.finish_request("a", FinishReason.ABORT) is a
+    check_all_free(scheduler)
+
+
+def test_request_aborted_between_schedule_and_update_is_skipped() -> None:
+    scheduler = make_scheduler(block_size=2)
+    a, b = make_request("a", 9), make_request("b", 9)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    out = scheduler.schedule()
+    model_output = fake_model_output(out)  # the runner computed both
+    assert model_output.request_ids == ["a", "b"]
+    scheduler.finish_request("a", FinishReason.ABORT)
+    outputs = scheduler.update(out, model_output)
+    assert [o.request for o in outputs] == [b]
+    assert a.output_token_ids == [] and a.block_ids == []
+    assert b.output_token_ids == [fake_token("b", 0)]
+    check_kv(scheduler)
+    run_to_completion(scheduler)
+    check_all_free(scheduler)
+
+
+def test_update_ignores_a_new_request_reusing_an_aborted_id() -> None:
+    scheduler = make_scheduler(block_size=2)
+    old = make_request("x", 9)
+    scheduler.add_request(old)
+    out = scheduler.schedule()
+    model_output = fake_model_output(out)
+    scheduler.finish_request("x", FinishReason.ABORT)
+    new = make_request("x", [5, 6, 7])
+    scheduler.add_request(new)  # the id is free again
+    assert scheduler.update(out, model_output) == []
+    assert new.output_token_ids == [] and new.num_computed_tokens == 0
+    assert list(scheduler.waiting) == [new]
+    check_kv(scheduler)
+    run_to_completion(scheduler)
+    assert new.output_token_ids == expected_tokens(new)
+    check_all_free(scheduler)
+
+
+# --- queue bound, ids ------------------------------------------------------------------------
+
+
+def test_waiting_queue_bound_raises_queue_full() -> None:
+    scheduler = make_scheduler(max_waiting_requests=2, max_num_seqs=2)
+    scheduler.add_request(make_request("a", 3))
+    scheduler.add_request(make_request("b", 3))
+    with pytest.raises(QueueFullError):
+        scheduler.add_request(make_request("c", 3))
+    assert "c" not in scheduler.requests and len(scheduler.waiting) == 2
+    step(scheduler)  # a and b are admitted: the queue has room again
+    scheduler.add_request(make_request("c", 3))
+    scheduler.add_request(make_request("d", 3))
+    with pytest.raises(QueueFullError):
+        scheduler.add_request(make_request("e", 3))
+    run_to_completion(scheduler)
+    check_all_free(scheduler)
+
+    closed = make_scheduler(max_waiting_requests=0)
+    with pytest.raises(QueueFullError):
+        closed.add_request(make_request("a", 3))
+    unbounded = make_scheduler(max_waiting_requests=None)
+    for i in range(3000):
+        unbounded.add_request(make_request(f"r{i}", 1))
+    assert len(unbounded.waiting) == 3000
+
+
+def test_duplicate_request_ids_are_rejected() -> None:
+    scheduler = make_scheduler()
+    a = make_request("a", 3, max_new_tokens=2)
+    scheduler.add_request(a)
+    with pytest.raises(KilnError, match="already in use") as excinfo:
+        scheduler.add_request(make_request("a", 5))
+    assert not isinstance(excinfo.value, QueueFullError)
+    step(scheduler)  # running now
+    with pytest.raises(KilnError, match="already in use"):
+        scheduler.add_request(make_request("a", 5))
+    assert list(scheduler.requests.values()) == [a] and not scheduler.waiting
+    step(scheduler)
+    assert a.is_finished
+    scheduler.add_request(make_request("a", 5))  # finished ids may be reused
+
+
+# --- randomized simulation -------------------------------------------------------------------
+
+
+SIM_CASES = [
+    # seed, num_requests, block_size, max_num_batched_tokens, max_num_seqs, prefix caching
+    (0, 300, 4, 32, 8, True),
+    (1, 300, 2, 16, 16, True),
+    (2, 200, 1, 7, 4, True),
+    (3, 300, 8, 64, 32, True),
+    (4, 250, 4, 24, 6, False),
+    (5, 200, 16, 48, 12, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("seed", "num_requests", "block_size", "budget", "max_num_seqs", "prefix"), SIM_CASES
+)
+def test_random_workload_invariants_fairness_and_cleanup(
+    seed: int, num_requests: int, block_size: int, budget: int, max_num_seqs: int, prefix: bool
+) -> None:
+    rng = random.Random(seed)
+    eos_every = rng.choice([0, 9, 25])
+    shared_prefixes = [[rng.randint(1, 4) for _ in range(rng.randint(0, 24))] for _ in range(4)]
+    pending: list[Request] = []
+    for i in range(num_requests):
+        head = rng.choice(shared_prefixes) if rng.random() < 0.6 else []
+        tail = [rng.randint(1, 50) for _ in range(rng.randint(1, 30))]
+        pending.append(make_request(f"q{i}", head + tail, max_new_tokens=rng.randint(1, 24)))
+    largest = max(r.num_prompt_tokens + r.params.max_new_tokens for r in pending)
+    # A tiny cache: the largest request just fits alone (as Engine.check_fits guarantees).
+    num_blocks = -(-largest // block_size) + rng.randint(0, 4)
+    scheduler = make_scheduler(
+        num_blocks,
+        block_size,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget,
+        max_waiting_requests=rng.choice([None, 5, 40]),
+        enable_prefix_caching=prefix,
+    )
+    kv = scheduler.kv_cache
+    arrival: dict[int, int] = {}  # id(request) -> admission order into the queue
+    oldest_since: dict[int, int] = {}  # id(request) -> step it became the oldest unfinished
+    aborted: list[Request] = []
+    finished: list[Request] = []
+    num_steps = 0
+
+    def abort_random() -> None:
+        request = rng.choice(list(scheduler.requests.values()))
+        assert scheduler.finish_request(request.request_id, FinishReason.ABORT) is request
+        assert request.block_ids == [] and request.finish_reason is FinishReason.ABORT
+        aborted.append(request)
+
+    while pending or scheduler.has_unfinished():
+        num_steps += 1
+        assert num_steps < 50_000
+        # Arrivals in bursts; a full queue pushes back and the client retries later.
+        for _ in range(rng.choice([0, 0, 1, 3])):
+            if not pending:
+                break
+            try:
+                scheduler.add_request(pending[0])
+            except QueueFullError:
+                bound = scheduler.config.max_waiting_requests
+                assert bound is not None and len(scheduler.waiting) >= bound
+                break
+            arrival[id(pending.pop(0))] = len(arrival)
+        if scheduler.requests and rng.random() < 0.01:
+            abort_random()
+        if not scheduler.has_unfinished():
+            continue
+
+        unfinished = sorted(scheduler.requests.values(), key=lambda r: arrival[id(r)])
+        oldest = unfinished[0]
+        oldest_since.setdefault(id(oldest), num_steps)
+        running_before = list(scheduler.running)
+        computed_before = {id(r): r.num_computed_tokens for r in running_before}
+
+        out = scheduler.schedule()
+
+        # Budget and limits.
+        assert 1 <= out.num_batched_tokens <= budget
+        assert len(scheduler.running) <= max_num_seqs
+        assert len({id(c.request) for c in out.chunks}) == len(out.chunks)
+        # The oldest unfinished request is never preempted and always makes progress.
+        assert out.chunks[0].request is oldest and oldest not in out.preempted
+        # Running requests first, in order; then admissions, first come first served.
+        num_old = sum(1 for c in out.chunks if id(c.request) in computed_before)
+        assert [c.request for c in out.chunks[:num_old]] == running_before[:num_old]
+        admitted = [c.request for c in out.chunks[num_old:]]
+        assert all(id(r) not in computed_before for r in admitted)
+        if out.preempted:
+            assert not admitted  # no admission in a step that preempted
+            kept = len(scheduler.running)
+            assert scheduler.running == running_before[:kept]
+            assert out.preempted == running_before[kept:][::-1]  # newest first
+            assert list(scheduler.waiting)[: len(out.preempted)] == out.preempted[::-1]
+            for r in out.preempted:
+                assert r.status is RequestStatus.PREEMPTED
+                assert r.block_ids == [] and r.num_computed_tokens == 0
+        for chunk in out.chunks:
+            r = chunk.request
+            assert chunk.num_new_tokens >= 1
+            assert chunk.start + chunk.num_new_tokens <= r.num_tokens
+            assert chunk.samples == (chunk.start + chunk.num_new_tokens == r.num_tokens)
+            if id(r) in computed_before:
+                assert chunk.start == computed_before[id(r)]
+            else:
+                assert chunk.start == r.num_computed_tokens == r.num_cached_tokens
+                assert chunk.start % block_size == 0 and chunk.start < r.num_tokens
+                if not prefix:
+                    assert chunk.start == 0
+        # Blocks: exactly enough for what is computed or scheduled.
+        scheduled_end = {id(c.request): c.start + c.num_new_tokens for c in out.chunks}
+        for r in scheduler.running:
+            end = scheduled_end.get(id(r), r.num_computed_tokens)
+            assert len(r.block_ids) == kv.blocks_for(end)
+        # FCFS: running then waiting is exactly the unfinished requests in arrival order.
+        queue = scheduler.running + list(scheduler.waiting)
+        assert queue == sorted(scheduler.requests.values(), key=lambda r: arrival[id(r)])
+        check_kv(scheduler)
+
+        model_output = fake_model_output(out, eos_every)
+        if rng.random() < 0.02:  # aborted while the step runs
+            abort_random()
+        num_outputs_before = {id(c.request): len(c.request.output_token_ids) for c in out.chunks}
+        outputs = scheduler.update(out, model_output)
+
+        live_sampling = [
+            c.request
+            for c in out.chunks
+            if c.start + c.num_new_tokens
+            == c.request.num_prompt_tokens + num_outputs_before[id(c.request)]
+            and c.request.finish_reason is not FinishReason.ABORT
+        ]
+        assert [o.request for o in outputs] == live_sampling
+        for chunk in out.chunks:
+            r = chunk.request
+            if r.finish_reason is FinishReason.ABORT:
+                assert len(r.output_token_ids) == num_outputs_before[id(r)]
+                continue
+            assert r.num_computed_tokens == chunk.start + chunk.num_new_tokens or r.is_finished
+            assert r.output_token_ids == expected_tokens(r, eos_every)
+        for o in outputs:
+            r = o.request
+            if o.finish_reason is None:
+                assert r.status is RequestStatus.RUNNING
+                continue
+            assert r.is_finished and r.block_ids == [] and r.request_id not in scheduler.requests
+            if o.token_id == EOS:
+                assert o.finish_reason is FinishReason.EOS_TOKEN
+            else:
+                assert o.finish_reason is FinishReason.LENGTH
+                assert len(r.output_token_ids) == r.params.max_new_tokens
+            finished.append(r)
+            # Fairness bound: once it is the oldest, a request gets the whole budget each
+            # step it needs it, so it finishes within its own (re)prefill + decode steps.
+            if id(r) in oldest_since:
+                total = r.num_prompt_tokens + r.params.max_new_tokens
+                bound = math.ceil(total / budget) + r.params.max_new_tokens
+                assert num_steps - oldest_since[id(r)] <= bound, r.request_id
+        for r in scheduler.running:
+            assert r.num_computed_tokens < r.num_tokens
+            assert len(r.block_ids) == kv.blocks_for(r.num_computed_tokens)
+        check_kv(scheduler)
+
+    assert len(finished) + len(aborted) == num_requests
+    assert {id(r) for r in finished}.isdisjoint(id(r) for r in aborted)
+    assert all(r.status is RequestStatus.FINISHED for r in finished + aborted)
+    assert scheduler.num_preemptions > 0  # the tiny cache did force preemptions
+    if prefix:
+        assert kv.prefix_hits > 0
+    check_all_free(scheduler)
