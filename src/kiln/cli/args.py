@@ -25,7 +25,7 @@ def add_command(subparsers: Any, func: Callable[..., Any], name: str | None = No
         name or func.__name__,
         help=summary.splitlines()[0] if summary else None,
         description=summary,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     groups: dict[str, type] = {}
     for pname, hint, default, help_text in _parameters(func, arg_help):
@@ -52,6 +52,16 @@ def call_command(args: argparse.Namespace) -> Any:
 
 
 _REQUIRED = object()
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only when it has one: an unset (None) flag's help says what
+    happens instead, and "(default: None)" would contradict it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _parameters(func: Callable[..., Any], helps: dict[str, str]) -> list[tuple[str, Any, Any, str]]:

@@ -23,18 +23,34 @@ def chat(
     """Chat with a model in the terminal.
 
     The history is kept between turns; when it no longer fits --max-input-tokens, the oldest
-    exchanges are dropped (the system prompt stays).
+    exchanges are dropped (the system prompt stays). Samples like the tutorials' chatbot
+    (temperature 0.9, top-k 50, repetition penalty 1.2, replies of up to 512 tokens or half the
+    context) unless sampling flags say otherwise.
 
     Args:
         system: a system prompt for the conversation.
         max_input_tokens: token budget for the rendered history (default: the context minus
             --max-new-tokens).
     """
-    from kiln.errors import KilnError
+    from kiln.errors import InvalidRequestError, KilnError
 
-    llm = model.load()
+    # NOTE: flags are checked before the model loads, so a bad one fails at once.
     params = sampling.to_params(**CHAT_DEFAULTS)
-    budget = max_input_tokens or max(1, llm.max_model_len - params.max_new_tokens)
+    if max_input_tokens is not None and max_input_tokens < 1:
+        raise InvalidRequestError(f"--max-input-tokens must be >= 1, got {max_input_tokens}")
+    llm = model.load()
+    llm.chat_template  # noqa: B018 -- a model without a chat template fails here, not per turn
+    context = llm.max_model_len
+    if sampling.max_new_tokens is None:
+        # The default reply length must leave room for the conversation in small contexts.
+        max_new_tokens = min(params.max_new_tokens, context // 2)
+        params = sampling.to_params(**{**CHAT_DEFAULTS, "max_new_tokens": max_new_tokens})
+    elif params.max_new_tokens >= context:
+        raise InvalidRequestError(
+            f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in the "
+            f"model's context of {context} tokens"
+        )
+    budget = max_input_tokens or context - params.max_new_tokens
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
     out = sys.stdout
@@ -44,6 +60,8 @@ def chat(
         try:
             line = input(">>> " if interactive else "")
         except EOFError:
+            if interactive:
+                print()  # leave the shell's prompt on a line of its own
             return 0
         command = line.strip()
         if command in ("/exit", "/quit", "/bye"):
@@ -55,9 +73,10 @@ def chat(
         if not command:
             continue
         messages = [*history, {"role": "user", "content": line}]
+        kept: list[dict[str, str]] | None = None
+        reply = ""
         try:
             _, kept = llm.chat_prompt(messages, budget)
-            reply = ""
             for delta in llm.stream_chat(kept, params, max_input_tokens=budget):
                 reply += delta.text
                 out.write(delta.text)
@@ -69,4 +88,5 @@ def chat(
             continue
         out.write("\n")
         out.flush()
-        history = [*kept, {"role": "assistant", "content": reply}]
+        if kept is not None:  # None: interrupted before the reply started
+            history = [*kept, {"role": "assistant", "content": reply}]

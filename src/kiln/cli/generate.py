@@ -25,8 +25,11 @@ def generate(
     Args:
         prompt: the text to complete.
     """
-    llm = model.load()
+    from kiln.errors import KilnError
+
+    # NOTE: built before the model loads, so a bad sampling flag fails at once.
     params = sampling.to_params(temperature=0.0)
+    llm = model.load()
     if prompt is not None:
         _stream(llm, prompt, params)
         return 0
@@ -35,22 +38,34 @@ def generate(
         try:
             line = input("prompt> " if interactive else "")
         except EOFError:
+            if interactive:
+                print()
             return 0
         if line.strip() == "exit":
             return 0
-        if line.strip():
+        if not line.strip():
+            continue
+        try:
             _stream(llm, line, params)
+        except KilnError as e:  # e.g. a prompt too long: report it and take the next one
+            print(f"error: {e}", file=sys.stderr)
 
 
 def _stream(llm: LLM, prompt: str, params: SamplingParams) -> None:
     out = sys.stdout
-    out.write(prompt)
-    out.flush()
+    deltas = llm.stream(prompt, params)
     try:
-        for delta in llm.stream(prompt, params):
+        # NOTE: the request is checked (context length...) on the first step: nothing is
+        # printed for a prompt that is refused.
+        first = next(deltas, None)
+        out.write(prompt + (first.text if first else ""))
+        out.flush()
+        for delta in deltas:
             out.write(delta.text)
             out.flush()
     except KeyboardInterrupt:
         pass  # stop this generation, keep the program alive
+    finally:
+        deltas.close()  # frees the request's KV blocks if it was cut short
     out.write("\n")
     out.flush()

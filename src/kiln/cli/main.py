@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from kiln.cli.args import add_command, call_command
-from kiln.cli.bench import bench_generate
+from kiln.cli.bench import bench_generate, bench_offline
 from kiln.cli.chat import chat
 from kiln.cli.generate import generate
 
@@ -21,11 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(commands, generate)
     add_command(commands, chat)
     bench = commands.add_parser("bench", help="benchmarks that print ratios against a peer")
-    add_command(
-        bench.add_subparsers(title="benchmarks", required=True, metavar="BENCH"),
-        bench_generate,
-        "generate",
-    )
+    benches = bench.add_subparsers(title="benchmarks", required=True, metavar="BENCH")
+    add_command(benches, bench_generate, "generate")
+    add_command(benches, bench_offline, "offline")
     return parser
 
 
@@ -41,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader left (`kiln generate ... | head`): stop quietly, as if killed by SIGPIPE.
+        # NOTE: stdout is pointed at /dev/null so the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _version() -> str:

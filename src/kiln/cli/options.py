@@ -30,11 +30,26 @@ class ModelOptions:
     chat_template: str | None = None
     threads: int | None = None
 
+    def __post_init__(self) -> None:
+        from kiln.errors import InvalidRequestError
+
+        for name in ("max_model_len", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise InvalidRequestError(f"{flag} must be >= 1, got {value}")
+
     def load(self) -> Any:
+        return self.load_with()
+
+    def load_with(self, **engine_options: Any) -> Any:
+        """Load the model as an ``LLM``; ``engine_options`` go to its constructor."""
         import torch
 
         from kiln.llm import LLM
 
+        if self.device is not None:
+            _check_device(self.device)
         if self.threads:
             torch.set_num_threads(self.threads)
         return LLM(
@@ -44,7 +59,21 @@ class ModelOptions:
             max_model_len=self.max_model_len,
             chat_template=self.chat_template,
             progress=True,
+            **engine_options,
         )
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    from kiln.errors import ModelLoadError
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {device!r}; use cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device}: CUDA is not available on this machine")
 
 
 @dataclass
