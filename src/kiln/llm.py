@@ -170,11 +170,23 @@ class LLM:
 
     def _as_prompt_ids(self, prompts: Any) -> list[list[int]]:
         if isinstance(prompts, str):
-            return [self.tokenizer.encode(prompts)]
+            prompts = [prompts]
         prompts = list(prompts)
-        if prompts and isinstance(prompts[0], int):
-            return [list(prompts)]
-        return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        if not prompts:
+            raise InvalidRequestError("the prompt is empty: give a text or at least one token id")
+        if isinstance(prompts[0], int):
+            prompts = [prompts]
+        prompt_ids = []
+        for prompt in prompts:
+            # NOTE: checked on the text, not the ids: the tokenizer may turn "" into [BOS].
+            if not prompt:
+                raise InvalidRequestError(
+                    "the prompt is empty: give a text or at least one token id"
+                )
+            prompt_ids.append(
+                self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            )
+        return prompt_ids
 
     def _add(self, prompt_ids: list[int], params: SamplingParams) -> str:
         request_id = str(next(self._request_counter))
@@ -197,11 +209,13 @@ class LLM:
     ) -> list[CompletionOutput]:
         results: dict[str, CompletionOutput] = {}
         order = []
-        for prompt_ids, params in requests:
-            request_id = self._add(prompt_ids, params)
-            results[request_id] = CompletionOutput(request_id, prompt_ids, "", [], None)
-            order.append(request_id)
         try:
+            # NOTE: inside the try: when one prompt is rejected, those added before it are
+            # aborted instead of lingering in the engine and running with the next call.
+            for prompt_ids, params in requests:
+                request_id = self._add(prompt_ids, params)
+                results[request_id] = CompletionOutput(request_id, prompt_ids, "", [], None)
+                order.append(request_id)
             while self.engine.has_unfinished():
                 for out in self.engine.step():
                     if out.request_id in results:

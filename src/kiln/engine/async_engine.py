@@ -68,8 +68,9 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
-        self._lock = threading.Lock()  # guards _num_pending
+        self._lock = threading.Lock()  # guards _num_pending and _accepting
         self._num_pending = 0  # added by callers, not yet seen by the loop thread
+        self._accepting = False  # whether a loop thread will see what callers add
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -81,14 +82,16 @@ class AsyncEngine:
         if self._thread is not None and self._thread.is_alive():
             return
         self._stopping.clear()
+        with self._lock:
+            self._accepting = True
         self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float | None = 10.0) -> None:
         """Stop the loop thread; requests still running get an :class:`EngineDeadError`."""
         self._stopping.set()
-        self._commands.put(None)
         if self._thread is not None:
+            self._commands.put(None)
             self._thread.join(timeout)
         self._thread = None
 
@@ -117,9 +120,8 @@ class AsyncEngine:
         )
         self.engine.check_fits(len(prompt_ids), params.max_new_tokens)  # pure: safe off-thread
         request_id = request_id or f"req-{next(self._ids)}"
-        self._reserve_queue_slot()
         stream = _Stream(asyncio.get_running_loop())
-        self._commands.put(_Add(request_id, prompt_ids, params, stream))
+        self._submit(_Add(request_id, prompt_ids, params, stream))
         finished = False
         try:
             while True:
@@ -147,12 +149,17 @@ class AsyncEngine:
     def metrics(self) -> EngineMetrics:
         return self.engine.metrics
 
-    def _reserve_queue_slot(self) -> None:
+    def _submit(self, add: _Add) -> None:
         bound = self.engine.scheduler.config.max_waiting_requests
         with self._lock:
+            # NOTE: checked under the lock the loop thread takes when it exits, so a request
+            # either reaches a running loop or is refused here, never left unanswered.
+            if not self._accepting:
+                raise EngineDeadError("the engine is not running")
             if bound is not None and self._stats.num_waiting + self._num_pending >= bound:
                 raise QueueFullError(f"the queue is full ({bound} requests waiting); retry later")
             self._num_pending += 1
+            self._commands.put(add)
 
     # --- the loop thread ------------------------------------------------------------------
 
@@ -169,14 +176,20 @@ class AsyncEngine:
                 logger.exception("engine step failed; failing the requests in flight")
                 self._fail_all(e)
                 continue
+            # NOTE: before the outputs go out: a caller woken by one must not see the gauges
+            # of the previous step (a request it saw running still counted as waiting makes
+            # the back-pressure check refuse requests there is room for).
+            self._stats = self.engine.stats()
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is not None:
                     stream.put(output)
                     if output.finished:
                         del self._streams[output.request_id]
-            self._stats = self.engine.stats()
+        with self._lock:
+            self._accepting = False
         self._fail_all(EngineDeadError("the engine stopped"))
+        self._fail_unapplied(EngineDeadError("the engine stopped"))
 
     def _drain_commands(self, block: bool) -> bool:
         """Apply queued commands; wait for one first when idle. False when asked to stop."""
@@ -199,16 +212,34 @@ class AsyncEngine:
             stream = self._streams.pop(command.request_id, None)
             if stream is not None:
                 stream.put(KilnError(f"request {command.request_id} was aborted"))
+            # NOTE: an abort that empties the engine is followed by no step, so without this
+            # the gauges (and the back-pressure check) would show it running until the next
+            # request arrives.
+            self._stats = self.engine.stats()
             return
-        with self._lock:
-            self._num_pending -= 1
         try:
             self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
         except Exception as e:
+            with self._lock:
+                self._num_pending -= 1
             command.stream.put(e)
             return
         self._streams[command.request_id] = command.stream
-        self._stats = self.engine.stats()
+        with self._lock:  # it stops counting as pending as it starts counting as waiting
+            self._num_pending -= 1
+            self._stats = self.engine.stats()
+
+    def _fail_unapplied(self, error: BaseException) -> None:
+        """Answer the requests added after the loop's last look at its commands."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                with self._lock:
+                    self._num_pending -= 1
+                command.stream.put(error)
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id, stream in list(self._streams.items()):

@@ -119,11 +119,11 @@ class Engine:
         if len(request.output_token_ids) == 1:
             self.metrics.time_to_first_token.observe(now - request.arrival_time)
         output = self.output_processor.process(token_output)
-        if (
-            output.finish_reason is FinishReason.STOP_SEQUENCE
-            and token_output.finish_reason is None
-        ):
-            self.scheduler.finish_request(request.request_id, FinishReason.STOP_SEQUENCE)
+        if output.finish_reason is FinishReason.STOP_SEQUENCE:
+            if token_output.finish_reason is None:
+                self.scheduler.finish_request(request.request_id, FinishReason.STOP_SEQUENCE)
+            else:  # a stop string on the token that ended it anyway: count what callers see
+                request.finish_reason = FinishReason.STOP_SEQUENCE
         if output.finished:
             self._record_finished(request, now)
         return output

@@ -52,11 +52,14 @@ class OutputProcessor:
                 text += state.stops.flush()
         if finish_reason is not None:
             self.remove_request(request.request_id)
+        # NOTE: the sampler computes logprobs for every row of a batch in which any row asked
+        # for them; a request that did not ask must not get them depending on its neighbours.
+        logprob = token_output.logprob if request.params.wants_logprobs else None
         return RequestOutput(
             request_id=request.request_id,
             text=text,
             token_ids=[token_output.token_id],
-            logprobs=[token_output.logprob] if token_output.logprob is not None else [],
+            logprobs=[logprob] if logprob is not None else [],
             top_logprobs=[token_output.top_logprobs] if token_output.top_logprobs else [],
             finish_reason=finish_reason,
             num_prompt_tokens=request.num_prompt_tokens,

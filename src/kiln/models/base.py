@@ -86,9 +86,14 @@ class CausalLM(nn.Module):
         (see :meth:`Linear.pack_for_cpu`). Call after :meth:`load_weights`."""
         if not cpu_packing_available():
             return
+        warmed: set[tuple[int, ...]] = set()
         for module in self.modules():
             if isinstance(module, Linear) and module.packed_weight is None:
                 module.pack_for_cpu()
+                # oneDNN's per-shape state is shared by layers of one weight shape.
+                if tuple(module.packed_weight.shape) not in warmed:
+                    warmed.add(tuple(module.packed_weight.shape))
+                    module.warm_up()
 
     def _param_for(self, hf_name: str) -> tuple[str, int | None]:
         for fused, original, shard in self.stacked_params:
