@@ -11,6 +11,7 @@ from kiln.cli.args import add_command, call_command
 from kiln.cli.bench import bench_generate, bench_offline
 from kiln.cli.chat import chat
 from kiln.cli.generate import generate
+from kiln.cli.serve import serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     add_command(commands, generate)
     add_command(commands, chat)
+    add_command(commands, serve)
     bench = commands.add_parser("bench", help="benchmarks that print ratios against a peer")
     benches = bench.add_subparsers(title="benchmarks", required=True, metavar="BENCH")
     add_command(benches, bench_generate, "generate")

@@ -1,0 +1,1 @@
+"""The HTTP server: TGI- and OpenAI-compatible APIs over the AsyncEngine."""

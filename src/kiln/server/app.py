@@ -1,0 +1,75 @@
+"""The FastAPI application: lifecycle of the engine, auth, body limits, routers."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+
+from kiln import __version__
+from kiln.config.server import ServerConfig
+from kiln.engine.async_engine import AsyncEngine
+from kiln.llm import LLM
+from kiln.server.errors import error_response, install_error_handlers
+from kiln.server.state import ServerState
+
+UNAUTHENTICATED_PATHS = frozenset({"/health"})
+
+
+def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
+    """An app serving ``llm``; the engine loop starts and stops with the app's lifespan."""
+    config = config or ServerConfig()
+    state = ServerState(
+        llm=llm,
+        engine=AsyncEngine(llm.engine),
+        config=config,
+        model_id=config.model_id or llm.model_name,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.engine.start()
+        try:
+            yield
+        finally:
+            state.engine.stop()
+
+    app = FastAPI(title="kiln", version=__version__, lifespan=lifespan)
+    app.state.kiln = state
+    install_error_handlers(app)
+    _install_guards(app, config)
+    _include_routers(app)
+    return app
+
+
+def _include_routers(app: FastAPI) -> None:
+    # Imported here so that a router module may import create_app's helpers without cycles.
+    from kiln.server import common_routes
+    from kiln.server.openai import routes as openai_routes
+    from kiln.server.tgi import routes as tgi_routes
+
+    app.include_router(common_routes.router)
+    app.include_router(tgi_routes.router)
+    app.include_router(openai_routes.router)
+
+
+def _install_guards(app: FastAPI, config: ServerConfig) -> None:
+    expected = f"Bearer {config.api_key}".encode() if config.api_key else None
+
+    @app.middleware("http")
+    async def guard(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        if expected is not None and request.url.path not in UNAUTHENTICATED_PATHS:
+            given = request.headers.get("authorization", "").encode()
+            # NOTE: constant-time comparison, so response timing does not leak the key.
+            if not hmac.compare_digest(given, expected):
+                return error_response(request, 401, "invalid or missing API key", "authentication")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            return error_response(
+                request, 413, f"request body over {config.max_body_bytes} bytes", "validation"
+            )
+        return await call_next(request)

@@ -1,0 +1,7 @@
+"""TGI routes (filled in by the TGI router work)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()
