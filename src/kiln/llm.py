@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from kiln.config import CacheConfig, ModelConfig, SchedulerConfig
+from kiln.config import CacheConfig, ConfigError, ModelConfig, SchedulerConfig
 from kiln.engine.engine import Engine
 from kiln.engine.kv_cache import allocate_kv_cache, num_kv_blocks
 from kiln.engine.outputs import CompletionOutput, RequestOutput
@@ -62,7 +62,9 @@ class LLM:
         enable_prefix_caching: bool = True,
         progress: bool = False,
     ) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = _resolve_device(device)
+        if max_model_len is not None and max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {max_model_len}")
         self.checkpoint = resolve_checkpoint(model)
         self.model_name = self.checkpoint.name
         self.config = ModelConfig.from_hf(self.checkpoint.config, self.checkpoint.generation_config)
@@ -224,6 +226,20 @@ class LLM:
             for request_id in order:
                 self.engine.abort(request_id)
         return [results[r] for r in order]
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {device!r}: use cpu or cuda[:N]") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("CUDA is not available here (no GPU visible, or a CPU build of torch)")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported: use cpu or cuda[:N]")
+    return resolved
 
 
 def _broadcast(

@@ -11,6 +11,7 @@ import tokenizers
 import torch
 from safetensors import SafetensorError, safe_open
 
+from kiln.config import ModelConfig
 from kiln.config.model import read_json
 from kiln.errors import ModelLoadError
 from kiln.weights.checkpoint import Checkpoint, WeightIterator
@@ -30,6 +31,10 @@ def load_hf_dir(path: Path, name: str) -> Checkpoint:
         raise ModelLoadError(f"{config_file}: not found (a Hugging Face model needs config.json)")
     config = read_json(config_file)
     generation_config = _optional_json(path / "generation_config.json")
+    try:  # an unsupported or broken config is the real blocker: say so before anything else
+        ModelConfig.from_hf(config, generation_config)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
     tokenizer = _load_tokenizer(path / "tokenizer.json")
     tokenizer_config = _optional_json(path / "tokenizer_config.json")
     template = _chat_template(path)
