@@ -7,6 +7,8 @@ import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln import __version__
 from kiln.config.server import ServerConfig
@@ -55,7 +57,38 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(openai_routes.router)
 
 
+class _BodyLimit:
+    """413 once a request body grows past ``max_bytes`` as it arrives.
+
+    NOTE: the guard below rejects a too-long Content-Length up front, but a chunked body
+    declares no length: without this it would be read whole, whatever its size.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Raised where the route reads its body, so the app's handlers answer it.
+                    raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, receive_limited, send)
+
+
 def _install_guards(app: FastAPI, config: ServerConfig) -> None:
+    app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
     expected = f"Bearer {config.api_key}".encode() if config.api_key else None
 
     @app.middleware("http")

@@ -2,7 +2,8 @@
 
 TGI routes answer ``{"error": ..., "error_type": ...}``; OpenAI routes (``/v1/...``) answer
 ``{"error": {"message", "type", "param", "code"}}``. Status codes: 422 (TGI) / 400 (OpenAI) for
-invalid input, 429 with ``Retry-After`` when overloaded, 503 when the engine is down.
+invalid input, 429 with ``Retry-After`` when overloaded, 503 when the engine is down, 424 when
+the engine failed while generating (TGI's status for it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from kiln.server.state import OverloadedError
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = "1"
+
+
+class GenerationError(KilnError):
+    """The engine failed while generating a request (HTTP 424, as TGI answers it)."""
 
 
 def is_openai_route(request: Request) -> bool:
@@ -85,6 +90,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineDeadError)
     async def _dead(request: Request, exc: EngineDeadError) -> JSONResponse:
         return error_response(request, 503, str(exc), "unavailable")
+
+    @app.exception_handler(GenerationError)
+    async def _generation(request: Request, exc: GenerationError) -> JSONResponse:
+        return error_response(request, 424, str(exc), "generation")
 
     @app.exception_handler(KilnError)
     async def _kiln(request: Request, exc: KilnError) -> JSONResponse:

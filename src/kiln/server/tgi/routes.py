@@ -1,7 +1,68 @@
-"""TGI routes (filled in by the TGI router work)."""
+"""Text Generation Inference's HTTP API: the routes, each handing over to ``handlers``."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
 
-router = APIRouter()
+from kiln.server.state import State
+from kiln.server.tgi import handlers
+from kiln.server.tgi.schemas import (
+    CompatGenerateRequest,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    Info,
+    SimpleToken,
+    StreamResponse,
+)
+
+router = APIRouter(tags=["Text Generation Inference"])
+
+_ERRORS = {
+    422: {"model": ErrorResponse, "description": "Input validation error"},
+    429: {"model": ErrorResponse, "description": "Model is overloaded"},
+    503: {"model": ErrorResponse, "description": "The engine is not running"},
+}
+_SSE = {200: {"content": {"text/event-stream": {"schema": StreamResponse.model_json_schema()}}}}
+
+
+@router.post("/", response_model=list[GenerateResponse], responses={**_ERRORS, **_SSE})
+async def compat_generate(body: CompatGenerateRequest, request: Request, state: State) -> Response:
+    """``/generate`` (answering a one-element list) or, with ``stream: true``,
+    ``/generate_stream``."""
+    if body.stream:
+        return await handlers.generate_stream(state, body, request)
+    return await handlers.generate(state, body, request, as_list=True)
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
+async def generate(body: GenerateRequest, request: Request, state: State) -> Response:
+    """Generate a continuation of ``inputs``."""
+    return await handlers.generate(state, body, request)
+
+
+@router.post("/generate_stream", responses={**_ERRORS, **_SSE})
+async def generate_stream(body: GenerateRequest, request: Request, state: State) -> Response:
+    """Generate a continuation of ``inputs``, one server-sent event per token; the last one
+    carries ``generated_text`` (and ``details`` when asked)."""
+    return await handlers.generate_stream(state, body, request)
+
+
+@router.get("/info", response_model=Info)
+async def info(state: State) -> Response:
+    """The model and the server's limits."""
+    return JSONResponse(handlers.info(state).model_dump())
+
+
+@router.post("/tokenize", response_model=list[SimpleToken], responses=_ERRORS)
+async def tokenize(body: GenerateRequest, state: State) -> Response:
+    """The tokens of ``inputs``, each with its ``[start, stop)`` character span."""
+    tokens = await handlers.tokenize(state, body)
+    return JSONResponse([t.model_dump() for t in tokens])
+
+
+@router.get("/infer", response_model=list[str], responses=_ERRORS)
+async def infer(request: Request, state: State, sentence: str = Query(...)) -> Response:
+    """The Ray Serve tutorial's endpoint: ``["<sentence and its greedy continuation>"]``."""
+    return await handlers.infer(state, sentence, request)

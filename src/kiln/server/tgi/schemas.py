@@ -1,0 +1,172 @@
+"""Text Generation Inference's wire schemas (its OpenAPI ``components/schemas``).
+
+Requests are parsed strictly (no ``"0.5"`` for a number, no ``1`` for a boolean), as TGI's serde
+does; unknown fields are ignored, as serde does. Range checks live in the handlers, so they can
+answer with TGI's own messages. Responses skip the fields TGI skips when empty
+(``top_tokens``, ``best_of_sequences``, ``details`` of ``/generate``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class GenerateParameters(_Request):
+    """Generation parameters. ``None`` means "not set" (TGI's ``Option``)."""
+
+    adapter_id: str | None = None
+    """LoRA adapter (not supported: setting it is an error)."""
+    best_of: int | None = None
+    """Only 1 is supported."""
+    decoder_input_details: bool = False
+    """Return the prompt tokens (``details.prefill``)."""
+    details: bool = False
+    """Return ``details`` (finish reason, tokens with logprobs...)."""
+    do_sample: bool = False
+    """Sample; also implied by temperature != 1, top_k, top_p or typical_p."""
+    frequency_penalty: float | None = None
+    """In [-2, 2]."""
+    grammar: Any = None
+    """Constrained generation (not supported: setting it is an error)."""
+    max_new_tokens: int | None = 100
+    """Tokens to generate; ``null`` means all the room left in ``max_total_tokens``."""
+    repetition_penalty: float | None = None
+    """> 0; 1.0 means no penalty."""
+    return_full_text: bool | None = None
+    """Prepend ``inputs`` to ``generated_text``."""
+    seed: int | None = None
+    """Seed of the sampler (random when sampling without one)."""
+    stop: list[str] = Field(default_factory=list)
+    """Up to ``max_stop_sequences`` strings that end generation (kept in the text, as TGI)."""
+    temperature: float | None = None
+    """> 0."""
+    top_k: int | None = None
+    """> 0."""
+    top_n_tokens: int | None = None
+    """0..``max_top_n_tokens`` most likely alternatives per generated token."""
+    top_p: float | None = None
+    """In (0, 1)."""
+    truncate: int | None = None
+    """Keep only the last ``truncate`` prompt tokens."""
+    typical_p: float | None = None
+    """In (0, 1)."""
+    watermark: bool = False
+    """Not supported: true is an error."""
+
+
+class GenerateRequest(_Request):
+    inputs: str
+    parameters: GenerateParameters | None = None
+    """Absent or null: TGI's defaults for a request without parameters (sampling on)."""
+
+
+class CompatGenerateRequest(GenerateRequest):
+    """``POST /``: ``/generate`` or ``/generate_stream`` depending on ``stream``."""
+
+    stream: bool | None = False
+
+
+# --- responses ----------------------------------------------------------------------------
+
+
+class _Response(BaseModel):
+    _skip_when_empty: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _skip_empty(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for name in self._skip_when_empty:
+            if not data.get(name):
+                data.pop(name, None)
+        return data
+
+
+class Token(_Response):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class PrefillToken(_Response):
+    id: int
+    text: str
+    logprob: float | None
+    """Always null here: kiln does not compute prompt log-probabilities (TGI: null for the
+    first token only)."""
+
+
+class Details(_Response):
+    _skip_when_empty: ClassVar[tuple[str, ...]] = ("best_of_sequences", "top_tokens")
+
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+    top_tokens: list[list[Token]] = Field(default_factory=list)
+    best_of_sequences: list[Any] | None = None
+
+
+class GenerateResponse(_Response):
+    _skip_when_empty: ClassVar[tuple[str, ...]] = ("details",)
+
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(_Response):
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None
+    input_length: int
+
+
+class StreamResponse(_Response):
+    _skip_when_empty: ClassVar[tuple[str, ...]] = ("top_tokens",)
+
+    index: int
+    token: Token
+    top_tokens: list[Token] = Field(default_factory=list)
+    generated_text: str | None = None
+    details: StreamDetails | None = None
+
+
+class SimpleToken(_Response):
+    id: int
+    text: str
+    start: int
+    stop: int
+
+
+class ErrorResponse(_Response):
+    error: str
+    error_type: str
+
+
+class Info(_Response):
+    model_id: str
+    model_sha: str | None
+    model_dtype: str
+    model_device_type: str
+    model_pipeline_tag: str | None
+    max_concurrent_requests: int
+    max_best_of: int
+    max_stop_sequences: int
+    max_input_tokens: int
+    max_input_length: int
+    """The pre-2.1 name of ``max_input_tokens``, for older clients."""
+    max_total_tokens: int
+    max_top_n_tokens: int
+    validation_workers: int
+    max_client_batch_size: int
+    router: str
+    version: str
+    sha: str | None
+    docker_label: str | None
