@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ from kiln.engine.outputs import RequestOutput
 from kiln.engine.request import FinishReason
 from kiln.engine.scheduler import QueueFullError
 from kiln.errors import ContextLengthError, KilnError
+from model_copies import EOS_AT, EOS_PROMPT, stories_with_extra_eos
 
 T = TypeVar("T")
 
@@ -39,8 +39,6 @@ STORY = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
     "park with her dog, Max. One day, Lily and Max found a big red ball under a tree."
 )
-EOS_PROMPT = "Once upon a time"
-EOS_AT = 5  # the greedy continuation of EOS_PROMPT ends on its 6th token: see `eos_dir`
 TIMEOUT_S = 60.0
 # A request that runs until it is stopped: greedy, past any EOS, 400 tokens after STORY.
 LONG = SamplingParams(temperature=0.0, max_new_tokens=400, ignore_eos=True)
@@ -109,24 +107,9 @@ def _assert_no_leak(async_engine: AsyncEngine) -> None:
 
 @pytest.fixture(scope="module")
 def eos_dir(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """stories260K with one more EOS id: the token greedy decoding of EOS_PROMPT makes 6th.
-
-    NOTE: stories260K never emits its own EOS (id 2; TinyStories separates stories with BOS),
-    so a real ``eos_token`` finish needs an EOS id the model does produce. The extra id goes in
-    ``generation_config.json``, where checkpoints list their additional EOS ids.
-    """
-    llm = _llm(stories_dir)
-    params = SamplingParams(temperature=0.0, max_new_tokens=EOS_AT + 1)
-    (out,) = llm.generate([llm.tokenizer.encode(EOS_PROMPT)], params)
-    eos_id = out.token_ids[EOS_AT]
-    assert eos_id not in out.token_ids[:EOS_AT]
-    path = tmp_path_factory.mktemp("stories_eos")
-    for f in stories_dir.iterdir():
-        shutil.copy(f, path / f.name)
-    gen_config = json.loads((stories_dir / "generation_config.json").read_text())
-    gen_config["eos_token_id"] = [2, eos_id]
-    (path / "generation_config.json").write_text(json.dumps(gen_config))
-    return path
+    return stories_with_extra_eos(
+        stories_dir, tmp_path_factory.mktemp("stories_eos"), _llm(stories_dir)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -508,7 +491,8 @@ def _leak_workload(model_dir: str, num_requests: int) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def leak_run(stories_dir: Path) -> dict[str, Any]:
     code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); import test_async_engine as t; "
+        "import json, os, sys; sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]; "
+        "import test_async_engine as t; "
         "print(json.dumps(t._leak_workload(sys.argv[2], int(sys.argv[3]))))"
     )
     here = str(Path(__file__).parent)

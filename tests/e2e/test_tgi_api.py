@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import json
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from kiln import LLM, SamplingParams
 from kiln.config.server import ServerConfig
 from kiln.engine.outputs import CompletionOutput
 from kiln.engine.request import FinishReason
+from model_copies import EOS_AT, EOS_PROMPT, stories_with_extra_eos
 from server_harness import running_server
 
 text_generation = pytest.importorskip("text_generation")
@@ -35,8 +35,6 @@ text_generation = pytest.importorskip("text_generation")
 pytestmark = pytest.mark.filterwarnings("ignore:The `dict` method is deprecated")
 
 PROMPT = "Lily and Max went to the park."  # 14 tokens; its greedy continuation makes no EOS
-EOS_PROMPT = "Once upon a time"
-EOS_AT = 5  # greedy decoding of EOS_PROMPT makes the extra EOS id 6th: see `eos_dir`
 MAX_BODY_BYTES = 64 << 10
 API_KEY = "s3cret"
 KV_CACHE_BYTES = 16 << 20
@@ -59,19 +57,9 @@ def _llm(path: Path) -> LLM:
 
 @pytest.fixture(scope="module")
 def eos_dir(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """stories260K with one more EOS id, one the model does produce (it never emits its own
-    EOS), so that an ``eos_token`` finish can be tested."""
-    llm = _llm(stories_dir)
-    (out,) = llm.generate(EOS_PROMPT, SamplingParams(temperature=0.0, max_new_tokens=EOS_AT + 1))
-    eos_id = out.token_ids[EOS_AT]
-    assert eos_id not in out.token_ids[:EOS_AT]
-    path = tmp_path_factory.mktemp("stories_eos")
-    for f in stories_dir.iterdir():
-        shutil.copy(f, path / f.name)
-    gen_config = json.loads((stories_dir / "generation_config.json").read_text())
-    gen_config["eos_token_id"] = [2, eos_id]
-    (path / "generation_config.json").write_text(json.dumps(gen_config))
-    return path
+    return stories_with_extra_eos(
+        stories_dir, tmp_path_factory.mktemp("stories_eos"), _llm(stories_dir)
+    )
 
 
 @pytest.fixture(scope="module")
