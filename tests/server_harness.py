@@ -13,6 +13,7 @@ import uvicorn
 from kiln.config.server import ServerConfig
 from kiln.llm import LLM
 from kiln.server.app import create_app
+from kiln.server.models import ModelManager
 
 
 def free_port() -> int:
@@ -22,8 +23,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(llm: LLM, config: ServerConfig | None = None) -> Iterator[str]:
-    """Serve ``llm`` on 127.0.0.1 at a free port; yields the base URL, stops on exit."""
+def running_server(llm: LLM | ModelManager, config: ServerConfig | None = None) -> Iterator[str]:
+    """Serve ``llm`` (or a manager's models) on 127.0.0.1 at a free port; yields the base URL,
+    stops on exit."""
     config = config or ServerConfig()
     port = free_port()
     app = create_app(llm, config)

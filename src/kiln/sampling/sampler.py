@@ -180,7 +180,10 @@ class Sampler:
         temperature = [p.temperature for p in params]
         if any(t != 1.0 for t in temperature):
             x = processors.apply_temperature(x, _column(temperature, device))
-        top_k = [p.top_k for p in params]
+        vocab_size = x.shape[-1]
+        # NOTE: k >= V keeps everything; clamped, so a huge k (an API allows any integer) does
+        # not overflow the int64 tensor and fail the whole batch's step.
+        top_k = [min(p.top_k, vocab_size) for p in params]
         top_p = [p.top_p for p in params]
         use_top_p = any(v < 1.0 for v in top_p)
         if use_top_p:
@@ -195,7 +198,6 @@ class Sampler:
         elif any(k > 0 for k in top_k):
             k_all = torch.tensor(top_k, device=device)
             # k >= V keeps everything; leaving it out of max_k keeps topk small.
-            vocab_size = x.shape[-1]
             max_k = max((k for k in top_k if 0 < k < vocab_size), default=1)
             x = processors.apply_top_k(x, k_all, max_k=max_k)
         min_p = [p.min_p for p in params]

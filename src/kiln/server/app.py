@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,31 +13,30 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln import __version__
 from kiln.config.server import ServerConfig
-from kiln.engine.async_engine import AsyncEngine
 from kiln.llm import LLM
 from kiln.server.errors import error_response, install_error_handlers
+from kiln.server.models import ModelManager
 from kiln.server.state import ServerState
 
 UNAUTHENTICATED_PATHS = frozenset({"/health"})
 
 
-def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
-    """An app serving ``llm``; the engine loop starts and stops with the app's lifespan."""
+def create_app(model: LLM | ModelManager, config: ServerConfig | None = None) -> FastAPI:
+    """An app serving ``model``: one LLM (named ``config.model_id``, default its source), or
+    the models of a :class:`ModelManager` (with its active one loaded). The engine loop starts
+    and stops with the app's lifespan."""
     config = config or ServerConfig()
-    state = ServerState(
-        llm=llm,
-        engine=AsyncEngine(llm.engine),
-        config=config,
-        model_id=config.model_id or llm.model_name,
-    )
+    if not isinstance(model, ModelManager):
+        model = ModelManager.serving(model, config.model_id or model.model_name)
+    state = ServerState(models=model, config=config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.engine.start()
+        state.models.start()
         try:
             yield
         finally:
-            state.engine.stop()
+            state.models.stop()
 
     app = FastAPI(title="kiln", version=__version__, lifespan=lifespan)
     app.state.kiln = state
@@ -48,13 +48,14 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
 
 def _include_routers(app: FastAPI) -> None:
     # Imported here so that a router module may import create_app's helpers without cycles.
-    from kiln.server import common_routes
+    from kiln.server import admin, common_routes
     from kiln.server.openai import routes as openai_routes
     from kiln.server.tgi import routes as tgi_routes
 
     app.include_router(common_routes.router)
     app.include_router(tgi_routes.router)
     app.include_router(openai_routes.router)
+    app.include_router(admin.router)
 
 
 class _BodyLimit:
@@ -87,6 +88,41 @@ class _BodyLimit:
         await self.app(scope, receive_limited, send)
 
 
+class _UnavailableWhenCancelled:
+    """503 with Retry-After for a request cancelled before its answer began.
+
+    NOTE: only the server cancels a request's task: uvicorn, at the end of its graceful
+    shutdown timeout, for the requests still in flight. It would answer the ones still
+    waiting for their first token 500 ("Internal Server Error"); a 503 tells clients and
+    load balancers to retry elsewhere. An answer already under way is cut, as it must be.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            response = error_response(
+                Request(scope), 503, "the server is shutting down", "unavailable"
+            )
+            with contextlib.suppress(OSError):  # the client may be gone too
+                await response(scope, receive, send)
+
+
 def _install_guards(app: FastAPI, config: ServerConfig) -> None:
     app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
     expected = f"Bearer {config.api_key}".encode() if config.api_key else None
@@ -106,3 +142,5 @@ def _install_guards(app: FastAPI, config: ServerConfig) -> None:
                 request, 413, f"request body over {config.max_body_bytes} bytes", "validation"
             )
         return await call_next(request)
+
+    app.add_middleware(_UnavailableWhenCancelled)  # added last: the outermost

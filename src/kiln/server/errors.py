@@ -2,8 +2,9 @@
 
 TGI routes answer ``{"error": ..., "error_type": ...}``; OpenAI routes (``/v1/...``) answer
 ``{"error": {"message", "type", "param", "code"}}``. Status codes: 422 (TGI) / 400 (OpenAI) for
-invalid input, 429 with ``Retry-After`` when overloaded, 503 when the engine is down, 424 when
-the engine failed while generating (TGI's status for it).
+invalid input, 429 with ``Retry-After`` when overloaded, 503 (with ``Retry-After``) when the
+engine is down or no model is ready during a model switch, 424 when the engine failed while
+generating (TGI's status for it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kiln.engine.async_engine import EngineDeadError
 from kiln.engine.scheduler import QueueFullError
 from kiln.errors import InvalidRequestError, KilnError
+from kiln.server.models import ModelUnavailableError
 from kiln.server.state import OverloadedError
 
 logger = logging.getLogger(__name__)
@@ -39,8 +41,11 @@ def error_response(
     message: str,
     error_type: str,
     param: str | None = None,
+    retry_after: int | None = None,
 ) -> JSONResponse:
-    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status in (429, 503) else None
+    headers = None
+    if status in (429, 503):
+        headers = {"Retry-After": str(retry_after) if retry_after else RETRY_AFTER_SECONDS}
     if is_openai_route(request):
         openai_type = {
             422: "invalid_request_error",
@@ -86,6 +91,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QueueFullError)
     async def _queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
         return error_response(request, 429, "Model is overloaded", "overloaded")
+
+    @app.exception_handler(ModelUnavailableError)
+    async def _unavailable(request: Request, exc: ModelUnavailableError) -> JSONResponse:
+        return error_response(request, 503, str(exc), "unavailable", retry_after=exc.retry_after)
 
     @app.exception_handler(EngineDeadError)
     async def _dead(request: Request, exc: EngineDeadError) -> JSONResponse:

@@ -2,7 +2,9 @@
 
 Handlers call :meth:`ServerMetrics.record_request` once per finished request; the engine's own
 counters and histograms (TTFT, time per output token, KV usage, prefix-cache hits) are read
-from the engine at scrape time.
+from the active model's engine at scrape time (so they start again from zero after a model
+switch, as counters of a restarted process do). Model switching adds ``kiln_model_switches``,
+``kiln_model_load_failures`` and ``kiln_model_status{model, status}``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kiln.engine.metrics import LATENCY_BUCKETS, TOKENS_BUCKETS, TPOT_BUCKETS, Histogram
+from kiln.server.models import STATUSES
 
 if TYPE_CHECKING:
     from kiln.server.state import ServerState
@@ -65,10 +68,31 @@ def _scalar(lines: list[str], name: str, kind: str, help_text: str, value: float
     lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
 
 
+def _models(lines: list[str], state: ServerState) -> None:
+    models = state.models
+    _scalar(
+        lines, "kiln_model_switches", "counter", "Model switches completed", models.num_switches
+    )
+    _scalar(
+        lines, "kiln_model_load_failures", "counter", "Model loads failed", models.num_failed_loads
+    )
+    lines += [
+        "# HELP kiln_model_status 1 for the status each model is in (available, loading...)",
+        "# TYPE kiln_model_status gauge",
+    ]
+    for s in models.statuses():
+        name = _label(s["name"])
+        for status in STATUSES:
+            value = int(s["status"] == status)
+            lines.append(f'kiln_model_status{{model="{name}",status="{status}"}} {value}')
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def render_prometheus(state: ServerState) -> str:
     m: ServerMetrics = state.metrics
-    stats = state.engine.stats()
-    engine = state.engine.metrics
     lines: list[str] = []
     _scalar(lines, "tgi_request_count", "counter", "Requests received", m.request_count)
     _scalar(lines, "tgi_request_success", "counter", "Requests that succeeded", m.request_success)
@@ -90,9 +114,15 @@ def render_prometheus(state: ServerState) -> str:
     _histogram(
         lines, "tgi_request_generated_tokens", "Generated tokens", m.request_generated_tokens
     )
+    _scalar(lines, "kiln_requests_in_flight", "gauge", "Requests admitted", state.in_flight)
+    _models(lines, state)
+    active = state.models.active
+    if active is None:  # between an unload and a load: no engine to report on
+        return "\n".join(lines) + "\n"
+    stats = active.engine.stats()
+    engine = active.engine.metrics
     _scalar(lines, "tgi_queue_size", "gauge", "Requests waiting", stats.num_waiting)
     _scalar(lines, "tgi_batch_current_size", "gauge", "Requests running", stats.num_running)
-    _scalar(lines, "kiln_requests_in_flight", "gauge", "Requests admitted", state.in_flight)
     _scalar(lines, "kiln_kv_cache_blocks", "gauge", "KV cache blocks", stats.num_kv_blocks)
     _scalar(
         lines, "kiln_kv_cache_blocks_used", "gauge", "KV blocks in use", stats.num_kv_blocks_used

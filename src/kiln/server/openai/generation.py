@@ -1,11 +1,12 @@
 """One API request on the engine: its seat, its choices, its metrics and how it ends.
 
 A request holds one of the server's seats (``state.admit()``) for its whole life, a stream
-included. Its choices (``n``, times the prompts of a text completion) run as independent engine
-requests, started together: each is awaited up to its first output before any byte is sent, so
-what the engine refuses up front (context, queue full, engine down) is an HTTP error and not a
-broken stream. A client that goes away, before or during the answer, aborts every choice still
-running, which frees its KV blocks at once.
+included, and is served by the model that was active when it was admitted. Its choices (``n``,
+times the prompts of a text completion) run as independent engine requests, started together:
+each is awaited up to its first output before any byte is sent, so what the engine refuses up
+front (context, queue full, engine down) is an HTTP error and not a broken stream. A client
+that goes away, before or during the answer, aborts every choice still running, which frees
+its KV blocks at once.
 """
 
 from __future__ import annotations
@@ -81,14 +82,16 @@ class Run:
 
     # --- seat and metrics -----------------------------------------------------------------
 
-    def admit(self) -> None:
-        """Take a seat; ``OverloadedError`` (429) when all are taken."""
+    async def admit(self) -> ServerState:
+        """Take a seat (``OverloadedError``, 429, when all are taken) and pin the active model
+        (503 when a model switch takes too long): answers the state to serve with."""
         self.state.metrics.record_start()
         try:
-            self._seat.enter_context(self.state.admit())
-        except OverloadedError as e:
+            self.state = self._seat.enter_context(await self.state.admit())
+        except BaseException as e:
             self.fail(e)
             raise
+        return self.state
 
     @contextlib.contextmanager
     def failures_recorded(self) -> Iterator[None]:
@@ -215,6 +218,9 @@ class Run:
         finally:
             watch.cancel()
             task.cancel()
+            # NOTE: a gather cancelled here (the request itself was cancelled) ends with an
+            # exception nobody awaits: retrieved, so asyncio does not log it as lost.
+            task.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def answer(self, work: Awaitable[T]) -> T:
         """The non-streaming answer: ``work`` (which reads :meth:`outputs`) to its end."""

@@ -311,7 +311,7 @@ async def chat_completion(
     state: ServerState, body: ChatCompletionRequest, request: Request
 ) -> Response:
     run = Run(state, request)
-    run.admit()
+    state = await run.admit()
     with run.failures_recorded():
         check_model(state, body.model)
         _check_chat(body)
@@ -406,7 +406,7 @@ async def _chat_events(
 
 async def completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:
     run = Run(state, request)
-    run.admit()
+    state = await run.admit()
     with run.failures_recorded():
         check_model(state, body.model)
         _check_completion(body)

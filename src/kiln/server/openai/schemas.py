@@ -1,16 +1,17 @@
 """Wire schemas of the OpenAI-compatible API (``/v1/...``), as vLLM serves it.
 
-Requests are validated here for shape and range (a bad value answers 400 naming the field);
-what a schema cannot say (unsupported features, context length) is checked by the handlers.
-Fields OpenAI defines that kiln ignores (``user``, ``parallel_tool_calls``...) are accepted,
-and unknown fields are ignored, as vLLM does, so clients sending newer parameters still work.
+Requests are validated here for type, shape and range (a bad value answers 400 naming the
+field); what a schema cannot say (unsupported features, context length) is checked by the
+handlers. Fields OpenAI defines that kiln ignores (``user``, ``parallel_tool_calls``...) are
+accepted, and unknown fields are ignored, as vLLM does, so clients sending newer parameters
+still work.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kiln.sampling import MAX_TOP_LOGPROBS
 
@@ -19,7 +20,32 @@ MAX_CHOICES = 128
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NOTE: strict, as OpenAI's API is: `"max_tokens": "16"`, `"logprobs": true` where a
+    # number is due, or `5.0` for an integer are refused (400), not silently converted.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @field_validator("*")
+    @classmethod
+    def _unicode(cls, value: Any) -> Any:
+        _check_unicode(value)
+        return value
+
+
+def _check_unicode(value: Any) -> None:
+    """Refuse lone surrogates (JSON's ``"\\ud800"`` escapes decode to them): no tokenizer
+    takes them, and no response could carry them back as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"not valid Unicode: {e.reason} at position {e.start}") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key)
+            _check_unicode(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item)
 
 
 class StreamOptions(_Request):
@@ -56,11 +82,37 @@ class SamplingFields(_Request):
     skip_special_tokens: bool = True
 
 
+_MESSAGE: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "role": {"enum": ["system", "user", "assistant", "tool", "function", "ipython"]},
+        "content": {
+            "anyOf": [
+                {"type": "string"},
+                {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                        "required": ["type", "text"],
+                    },
+                },
+            ]
+        },
+        "name": {"type": "string"},
+    },
+    "required": ["role", "content"],
+}
+"""One chat message as documented (an assistant message may also carry ``tool_calls`` and
+no content; tool roles reach only templates that know them)."""
+
+
 class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
 
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    """Checked in depth (roles, content parts) by ``kiln.text.chat_template.validate_messages``."""
+    messages: list[dict[str, Any]] = Field(min_length=1, json_schema_extra={"items": _MESSAGE})
+    """Checked in depth (roles, content parts) by ``kiln.text.chat_template.validate_messages``;
+    the OpenAPI schema documents what it accepts."""
     max_completion_tokens: int | None = Field(default=None, ge=1)
     """OpenAI's newer name for ``max_tokens``; wins when both are given."""
     logprobs: bool = False
@@ -189,6 +241,21 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    """Every error answer of ``/v1/...`` (and an error event of a stream that already began).
+
+    NOTE: not ``ErrorResponse``: OpenAPI names components after classes, and TGI has one."""
+
+    error: ErrorInfo
 
 
 class CompletionChunk(BaseModel):

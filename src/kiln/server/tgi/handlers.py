@@ -111,9 +111,11 @@ class _Run:
     def __post_init__(self) -> None:
         self.state.metrics.record_start()
 
-    def admit(self) -> None:
-        """Take a seat of ``max_concurrent_requests``; raises OverloadedError (429)."""
-        self._seat.enter_context(self.state.admit())
+    async def admit(self) -> ServerState:
+        """Take a seat of ``max_concurrent_requests`` (OverloadedError, 429) and pin the active
+        model (503 when a model switch takes too long): answers the state to serve with."""
+        self.state = self._seat.enter_context(await self.state.admit())
+        return self.state
 
     def saw_output(self) -> None:
         if self.first_output_at is None:
@@ -287,8 +289,8 @@ async def _generate(
 ) -> tuple[Prepared, _Generation, _Run]:
     run = _Run(state)
     try:
+        state = await run.admit()
         prep = await prepare(state, prep_request, stream=False)
-        run.admit()
         result = await _unless_disconnected(request, _run_to_end(state, prep, run))
     except BaseException as e:
         run.fail(_error_type(e))
@@ -340,7 +342,7 @@ async def generate(
         return Response(status_code=499)  # nobody is listening; nginx's "client closed"
     response = _generate_response(prep, result).model_dump()
     return JSONResponse(
-        [response] if as_list else response, headers=_timing_headers(state, prep, result, run)
+        [response] if as_list else response, headers=_timing_headers(run.state, prep, result, run)
     )
 
 
@@ -416,8 +418,8 @@ async def generate_stream(state: ServerState, body: GenerateRequest, request: Re
     """``POST /generate_stream`` and ``POST /`` with ``stream: true``: server-sent events."""
     run = _Run(state)
     try:
+        state = await run.admit()
         prep = await prepare(state, body, stream=True)
-        run.admit()
         outputs = state.engine.generate(prep.prompt_ids, prep.params, _request_id())
         try:
             first = await _unless_disconnected(request, outputs.__anext__())
@@ -509,8 +511,8 @@ async def infer(state: ServerState, sentence: str, request: Request) -> Response
     as TGI's default."""
     body = GenerateRequest(inputs=sentence, parameters=GenerateParameters())
     try:
-        prep, result, _ = await _generate(state, body, request)
+        prep, result, run = await _generate(state, body, request)
     except ClientDisconnectedError:
         return Response(status_code=499)
-    text = state.llm.tokenizer.decode(prep.prompt_ids + result.maker.token_ids)
+    text = run.state.llm.tokenizer.decode(prep.prompt_ids + result.maker.token_ids)
     return JSONResponse([text])

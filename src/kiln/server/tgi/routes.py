@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
+from kiln.server.sse import event_stream_response
 from kiln.server.state import State
 from kiln.server.tgi import handlers
 from kiln.server.tgi.schemas import (
@@ -19,15 +20,32 @@ from kiln.server.tgi.schemas import (
 
 router = APIRouter(tags=["Text Generation Inference"])
 
-_ERRORS = {
+_INPUT_ERRORS = {
+    400: {"model": ErrorResponse, "description": "The body is not UTF-8"},
+    413: {"model": ErrorResponse, "description": "Request body too large"},
     422: {"model": ErrorResponse, "description": "Input validation error"},
+}
+_ERRORS = {
+    **_INPUT_ERRORS,
+    424: {"model": ErrorResponse, "description": "The generation failed"},
     429: {"model": ErrorResponse, "description": "Model is overloaded"},
     503: {"model": ErrorResponse, "description": "The engine is not running"},
 }
-_SSE = {200: {"content": {"text/event-stream": {"schema": StreamResponse.model_json_schema()}}}}
+_STREAM_DESCRIPTION = (
+    "One event per token; the last carries `generated_text`. An error after the first token "
+    "is an event `{error, error_type}`."
+)
+_SSE = {200: event_stream_response(StreamResponse, ErrorResponse, description=_STREAM_DESCRIPTION)}
+_COMPAT_SSE = {
+    200: event_stream_response(
+        StreamResponse,
+        ErrorResponse,
+        description=f"A one-element list; with `stream: true`: {_STREAM_DESCRIPTION}",
+    )
+}
 
 
-@router.post("/", response_model=list[GenerateResponse], responses={**_ERRORS, **_SSE})
+@router.post("/", response_model=list[GenerateResponse], responses={**_ERRORS, **_COMPAT_SSE})
 async def compat_generate(body: CompatGenerateRequest, request: Request, state: State) -> Response:
     """``/generate`` (answering a one-element list) or, with ``stream: true``,
     ``/generate_stream``."""
@@ -42,7 +60,7 @@ async def generate(body: GenerateRequest, request: Request, state: State) -> Res
     return await handlers.generate(state, body, request)
 
 
-@router.post("/generate_stream", responses={**_ERRORS, **_SSE})
+@router.post("/generate_stream", response_class=StreamingResponse, responses={**_ERRORS, **_SSE})
 async def generate_stream(body: GenerateRequest, request: Request, state: State) -> Response:
     """Generate a continuation of ``inputs``, one server-sent event per token; the last one
     carries ``generated_text`` (and ``details`` when asked)."""
@@ -55,7 +73,7 @@ async def info(state: State) -> Response:
     return JSONResponse(handlers.info(state).model_dump())
 
 
-@router.post("/tokenize", response_model=list[SimpleToken], responses=_ERRORS)
+@router.post("/tokenize", response_model=list[SimpleToken], responses=_INPUT_ERRORS)
 async def tokenize(body: GenerateRequest, state: State) -> Response:
     """The tokens of ``inputs``, each with its ``[start, stop)`` character span."""
     tokens = await handlers.tokenize(state, body)

@@ -78,8 +78,10 @@ class CompatGenerateRequest(GenerateRequest):
 class _Response(BaseModel):
     _skip_when_empty: ClassVar[tuple[str, ...]] = ()
 
+    # NOTE: no return annotation: with one, pydantic documents every response as a bare
+    # `object` in the OpenAPI schema; without, it documents the fields.
     @model_serializer(mode="wrap")
-    def _skip_empty(self, handler: Any) -> dict[str, Any]:
+    def _skip_empty(self, handler: Any):
         data = handler(self)
         for name in self._skip_when_empty:
             if not data.get(name):

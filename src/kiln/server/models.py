@@ -1,0 +1,503 @@
+"""ModelManager: the models a server may serve, the one that serves, and switching between them.
+
+The tutorials' chat-ui scheduler: a settings page lists the models, "Activate" loads another one
+(about a minute for a 7B model) and "Retrieve model status" shows when it is ``available``.
+
+One model serves at a time. A switch from ``A`` to ``B``:
+
+1. closes the gate: requests that arrive from then on wait (up to ``switch_wait_seconds``, then
+   503 with ``Retry-After``) for the switch to end, so that no request that came after the switch
+   was asked for is served by ``A``;
+2. loads ``B`` on a background thread (seconds to minutes: never on the event loop);
+3. makes ``B`` active and opens the gate: the waiting requests go to ``B``;
+4. lets the requests already running on ``A`` finish there (each request is pinned to the model
+   it was admitted to, for its whole life), then stops ``A``'s engine and frees its memory.
+
+If ``B`` fails to load it is ``failed``, with the reason; ``A`` stays active and the waiting
+requests go to it.
+
+NOTE: the memory policy (``unload_first``): loading ``B`` beside ``A`` keeps ``A``'s running
+requests going during the load, but needs room for both. On a GPU there is none (each model's KV
+cache takes most of the memory its weights leave free), so there ``A`` is drained and unloaded
+*before* ``B`` loads, and reloaded if ``B`` fails. On CPU, both fit beside each other.
+
+Every method runs on the server's event loop (the switch itself is an asyncio task; only the
+load runs on a thread), so the active model cannot change between two reads that no ``await``
+separates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from kiln.config import ConfigError
+from kiln.engine.async_engine import AsyncEngine, EngineDeadError
+from kiln.errors import KilnError
+from kiln.llm import LLM
+
+logger = logging.getLogger(__name__)
+
+AVAILABLE = "available"
+"""Loaded, active and serving new requests."""
+LOADING = "loading"
+UNLOADING = "unloading"
+"""No longer active: finishing the requests it was serving, then freed."""
+UNLOADED = "unloaded"
+FAILED = "failed"
+"""The last load failed (``reason`` says why); activating it again retries."""
+STATUSES = (AVAILABLE, LOADING, UNLOADING, UNLOADED, FAILED)
+
+SWITCH_RETRY_AFTER_SECONDS = 5
+"""``Retry-After`` of a request refused because no model is ready."""
+
+LOAD_OPTIONS = frozenset(
+    {
+        "dtype",
+        "device",
+        "max_model_len",
+        "chat_template",
+        "kv_cache_memory",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "block_size",
+        "enable_prefix_caching",
+    }
+)
+"""The :class:`~kiln.llm.LLM` arguments a model's spec may set."""
+
+
+class ModelUnavailableError(EngineDeadError):
+    """No model can serve the request: a switch took longer than ``switch_wait_seconds``, or no
+    model is loaded (HTTP 503 with ``Retry-After``).
+
+    NOTE: an :class:`EngineDeadError`, so that every path that answers a stopped engine (503,
+    metrics' ``unavailable``) answers this one too.
+    """
+
+    retry_after = SWITCH_RETRY_AFTER_SECONDS
+
+
+class UnknownModelError(KeyError):
+    """No model of that name is registered (HTTP 404)."""
+
+
+class SwitchInProgressError(RuntimeError):
+    """A switch to another model is under way (HTTP 409)."""
+
+
+def default_name(model: str | None) -> str:
+    """A model's name when none is given: the last part of its path or hub id
+    (``/models/llama-3`` -> ``llama-3``, ``owner/name:file.gguf`` -> ``name``)."""
+    if model is None:
+        from kiln.weights.resolve import DEFAULT_MODEL
+
+        return DEFAULT_MODEL
+    base = PurePosixPath(model.rstrip("/").split(":", 1)[0]).name
+    return base or model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model the server may serve: its name and how to load it.
+
+    Args:
+        name: what clients see (``/v1/models``, ``/info``) and the admin routes take.
+        model: local directory, ``.gguf`` file or hub id; None for kiln's default model.
+        options: :class:`~kiln.llm.LLM` arguments (:data:`LOAD_OPTIONS`), e.g. ``dtype``.
+    """
+
+    name: str
+    model: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name or self.name != self.name.strip():
+            raise ConfigError(f"a model name must be non-empty, not padded: {self.name!r}")
+        unknown = sorted(set(self.options) - LOAD_OPTIONS)
+        if unknown:
+            raise ConfigError(
+                f"model {self.name!r}: unknown option(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(LOAD_OPTIONS))}"
+            )
+
+    @classmethod
+    def parse(cls, text: str, **options: Any) -> ModelSpec:
+        """``NAME=MODEL``, or ``MODEL`` alone (named by :func:`default_name`)."""
+        name, sep, model = text.partition("=")
+        if not sep:
+            name, model = default_name(text), text
+        return cls(name.strip(), model.strip() or None, dict(options))
+
+    def load(self) -> LLM:
+        return LLM(self.model, **self.options)
+
+
+def read_models_config(path: str | Path, **defaults: Any) -> tuple[list[ModelSpec], str | None]:
+    """The specs and default model name of a models config file::
+
+        {"models": [{"name": "llama3", "model": "/models/llama3", "dtype": "bfloat16"},
+                    {"model": "/models/mistral"}],
+         "default": "llama3"}
+
+    ``name`` defaults to :func:`default_name` of ``model``; the other keys of an entry are
+    :data:`LOAD_OPTIONS` and override ``defaults``.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read models config {path}: {e}") from e
+    entries = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f'models config {path}: expected {{"models": [{{...}}, ...]}}')
+    specs = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ConfigError(f"models config {path}: bad entry {entry!r}")
+        entry = dict(entry)
+        model = entry.pop("model", None)
+        if model is not None and not isinstance(model, str):
+            raise ConfigError(f"models config {path}: bad model {model!r}")
+        name = entry.pop("name", None) or default_name(model)
+        specs.append(ModelSpec(str(name), model, {**defaults, **entry}))
+    default = data.get("default")
+    return specs, None if default is None else str(default)
+
+
+class LoadedModel:
+    """A loaded model with its engine, and how many requests are pinned to it."""
+
+    def __init__(self, name: str, llm: LLM) -> None:
+        self.name = name
+        self.llm = llm
+        self.engine = AsyncEngine(llm.engine)
+        self.num_requests = 0
+        self._idle: asyncio.Event | None = None
+
+    def pin(self) -> None:
+        self.num_requests += 1
+
+    def unpin(self) -> None:
+        self.num_requests -= 1
+        if self.num_requests == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def drained(self) -> None:
+        """Return once no request is pinned to this model (none can be pinned any more)."""
+        if self.num_requests:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    def unload(self) -> None:
+        """Stop the engine and drop the model, so that its memory can be freed (blocks while
+        the engine thread ends; unusable after)."""
+        self.engine.stop()
+        device = self.llm.device
+        # NOTE: deleted rather than kept: whatever still holds this object (a finished request's
+        # pinned state) must not keep the weights and the KV cache alive.
+        del self.llm, self.engine
+        gc.collect()
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+@dataclass
+class _Switch:
+    target: str
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ModelManager:
+    """The registry of models, the active one, and switches between them.
+
+    Args:
+        specs: the models that may be served; names must be unique.
+        loader: builds a spec's LLM (default :meth:`ModelSpec.load`); runs on a thread.
+        switch_wait_seconds: how long a request that arrives during a switch waits for it to
+            end before a 503.
+        unload_first: drain and unload the active model before loading the next (True), or
+            load the next beside it (False); None: True on CUDA, False on CPU.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[ModelSpec],
+        *,
+        loader: Callable[[ModelSpec], LLM] | None = None,
+        switch_wait_seconds: float = 30.0,
+        unload_first: bool | None = None,
+    ) -> None:
+        if not specs:
+            raise ConfigError("a server needs at least one model")
+        self.specs: dict[str, ModelSpec] = {}
+        for spec in specs:
+            if spec.name in self.specs:
+                raise ConfigError(
+                    f"two models are named {spec.name!r}: name them apart with NAME=MODEL"
+                )
+            self.specs[spec.name] = spec
+        if switch_wait_seconds < 0:
+            raise ConfigError(f"switch_wait_seconds must be >= 0, got {switch_wait_seconds}")
+        self.switch_wait_seconds = switch_wait_seconds
+        self.unload_first = unload_first
+        self.num_switches = 0
+        """Switches completed (the next model active)."""
+        self.num_failed_loads = 0
+        self._loader = loader or ModelSpec.load
+        self._active: LoadedModel | None = None
+        self._draining: list[LoadedModel] = []
+        self._failures: dict[str, str] = {}
+        self._switch: _Switch | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # switches, and drains after them
+        self._started = False
+
+    @classmethod
+    def serving(cls, llm: LLM, name: str, **kwargs: Any) -> ModelManager:
+        """A manager of one model, already loaded (reloaded from ``llm``'s source if it is
+        ever unloaded)."""
+        manager = cls([ModelSpec(name, llm.model_name)], **kwargs)
+        manager.adopt(name, llm)
+        return manager
+
+    # --- before the server starts ---------------------------------------------------------
+
+    def load(self, name: str | None = None) -> None:
+        """Load ``name`` (default: the first model) as the active one, here and now."""
+        spec = self._spec(name or next(iter(self.specs)))
+        self.adopt(spec.name, self._loader(spec))
+
+    def adopt(self, name: str, llm: LLM) -> None:
+        """Make an already loaded ``llm`` the active model ``name``."""
+        self._spec(name)
+        if self._active is not None:
+            raise ConfigError(f"model {self._active.name!r} is active already")
+        self._active = LoadedModel(name, llm)
+        if self._started:
+            self._active.engine.start()
+
+    # --- lifecycle (the server's lifespan) ------------------------------------------------
+
+    def start(self) -> None:
+        self._started = True
+        if self._active is not None:
+            self._active.engine.start()
+
+    def stop(self) -> None:
+        """Stop every engine; a switch under way is abandoned (its load thread's result is
+        dropped when it ends)."""
+        self._started = False
+        for task in self._tasks:
+            task.cancel()
+        for model in [*self._draining, *([self._active] if self._active else [])]:
+            engine = getattr(model, "engine", None)  # None: unloaded already
+            if engine is not None:
+                engine.stop()
+
+    # --- what clients see -----------------------------------------------------------------
+
+    @property
+    def active(self) -> LoadedModel | None:
+        return self._active
+
+    def current(self) -> LoadedModel:
+        """The active model; :class:`ModelUnavailableError` when there is none."""
+        if self._active is None:
+            raise ModelUnavailableError(self._unavailable_reason())
+        return self._active
+
+    @property
+    def switching_to(self) -> str | None:
+        return self._switch.target if self._switch is not None else None
+
+    def status(self, name: str) -> dict[str, Any]:
+        """``{name, model, status, reason, active}``; :class:`UnknownModelError` if unknown."""
+        spec = self._spec(name)
+        active = self._active is not None and self._active.name == name
+        reason = None
+        if self.switching_to == name:
+            status = LOADING
+        elif active:
+            status = AVAILABLE
+        elif any(m.name == name for m in self._draining):
+            status = UNLOADING
+        elif name in self._failures:
+            status, reason = FAILED, self._failures[name]
+        else:
+            status = UNLOADED
+        return {
+            "name": name,
+            "model": spec.model,
+            "status": status,
+            "reason": reason,
+            "active": active,
+        }
+
+    def statuses(self) -> list[dict[str, Any]]:
+        return [self.status(name) for name in self.specs]
+
+    # --- requests -------------------------------------------------------------------------
+
+    async def acquire(self) -> LoadedModel:
+        """Pin the active model for a request (waiting out a switch, up to
+        ``switch_wait_seconds``); give it back with :meth:`release`."""
+        deadline = time.monotonic() + self.switch_wait_seconds
+        while self._switch is not None:
+            switch = self._switch
+            remaining = deadline - time.monotonic()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(switch.done.wait(), max(remaining, 0))
+            if not switch.done.is_set():
+                raise ModelUnavailableError(
+                    f"switching to model {switch.target!r}: not ready after waiting "
+                    f"{self.switch_wait_seconds:g} s; retry later"
+                )
+        # NOTE: no await from the gate check to the pin: the active model cannot change between.
+        model = self.current()
+        model.pin()
+        return model
+
+    def release(self, model: LoadedModel) -> None:
+        model.unpin()
+
+    # --- switching ------------------------------------------------------------------------
+
+    def activate(self, name: str) -> bool:
+        """Make ``name`` the active model; True when a switch started (follow it with
+        :meth:`status`), False when it is active already or a switch to it is under way.
+
+        Raises :class:`UnknownModelError` or :class:`SwitchInProgressError`.
+        """
+        self._spec(name)
+        if self._switch is not None:
+            if self._switch.target == name:
+                return False
+            raise SwitchInProgressError(
+                f"a switch to model {self._switch.target!r} is under way; retry when it is "
+                f"{AVAILABLE} or {FAILED}"
+            )
+        if self._active is not None and self._active.name == name:
+            return False
+        self._switch = _Switch(name)
+        self._failures.pop(name, None)
+        task = asyncio.get_running_loop().create_task(self._run_switch(self._switch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _run_switch(self, switch: _Switch) -> None:
+        previous = self._active
+        unload_first = self.unload_first
+        if unload_first is None:
+            unload_first = previous is not None and previous.llm.device.type == "cuda"
+        requested = switch.target
+        try:
+            if previous is not None and unload_first:
+                await self._unload(previous)
+            loaded = await self._load(requested)
+            if loaded is None and previous is not None and unload_first:
+                # Put back what served before, so that a bad switch does not leave none.
+                switch.target = previous.name
+                loaded = await self._load(previous.name)
+            if loaded is not None:
+                self._active = loaded
+                if loaded.name == requested:
+                    self.num_switches += 1
+            # The gate opens: the requests that waited go to the active model.
+            self._switch = None
+            switch.done.set()
+            if previous is not None and not unload_first and self._active is not previous:
+                await self._unload(previous)
+        except Exception:  # a bug; never leave the gate closed because of it
+            logger.exception("switching to model %s failed", requested)
+        finally:
+            if self._switch is switch:
+                self._switch = None
+            switch.done.set()
+
+    async def _load(self, name: str) -> LoadedModel | None:
+        spec = self.specs[name]
+        started = time.monotonic()
+        logger.info("loading model %s (%s)", name, spec.model or "default")
+        try:
+            llm = await _on_thread(lambda: self._loader(spec), f"kiln-load-{name}")
+            loaded = LoadedModel(name, llm)
+            if self._started:
+                loaded.engine.start()
+        except Exception as e:
+            if isinstance(e, KilnError):  # a bad path, config or device: the message says it all
+                logger.error("model %s failed to load: %s", name, e)
+            else:
+                logger.exception("model %s failed to load", name)
+            self.num_failed_loads += 1
+            self._failures[name] = f"{type(e).__name__}: {e}"
+            return None
+        self._failures.pop(name, None)
+        logger.info("model %s loaded in %.1f s", name, time.monotonic() - started)
+        return loaded
+
+    async def _unload(self, model: LoadedModel) -> None:
+        """Let ``model``'s pinned requests finish, then stop its engine and free its memory."""
+        if self._active is model:
+            self._active = None
+        self._draining.append(model)
+        try:
+            await model.drained()
+            await _on_thread(model.unload, f"kiln-unload-{model.name}")
+        finally:
+            self._draining.remove(model)
+        logger.info("model %s unloaded", model.name)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _spec(self, name: str) -> ModelSpec:
+        try:
+            return self.specs[name]
+        except KeyError:
+            raise UnknownModelError(name) from None
+
+    def _unavailable_reason(self) -> str:
+        if self._switch is not None:
+            return f"switching to model {self._switch.target!r}; retry later"
+        failures = "; ".join(f"{n}: {r}" for n, r in self._failures.items())
+        return "no model is loaded" + (f" ({failures})" if failures else "")
+
+
+async def _on_thread(work: Callable[[], Any], name: str) -> Any:
+    """``work()`` on a daemon thread of its own.
+
+    NOTE: not ``asyncio.to_thread``: a load can take minutes, and a server that shuts down
+    meanwhile must not wait for it (the default executor is joined at exit); its result is
+    dropped.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def post(setter: Callable[[Any], None], value: Any) -> None:
+        def settle() -> None:
+            if not future.done():
+                setter(value)
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle)
+
+    def run() -> None:
+        try:
+            result = work()
+        except BaseException as e:
+            post(future.set_exception, e)
+        else:
+            post(future.set_result, result)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await future
