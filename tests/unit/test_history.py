@@ -27,7 +27,7 @@ DIALOGUE = [
 def _tokenizer(model: str) -> Tokenizer:
     path = MODELS / model
     if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"shared model {model} not available")
+        pytest.fail(f"shared model {model} not available")
     config = json.loads((path / "tokenizer_config.json").read_text())
     return Tokenizer(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), config)
 

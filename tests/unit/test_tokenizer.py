@@ -30,7 +30,7 @@ TEXTS = [
 def _model_dir(name: str) -> Path:
     path = MODELS / name
     if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"shared model {name} not available")
+        pytest.fail(f"shared model {name} not available")
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import re
 from collections.abc import Iterable
 
@@ -14,7 +15,7 @@ from kiln.models.layers.attention import AttentionMetadata
 from kiln.models.layers.linear import Linear, cpu_packing_available
 
 
-class CausalLM(nn.Module):
+class CausalLM(nn.Module, abc.ABC):
     """A decoder-only LM over flattened token batches.
 
     ``forward`` takes all tokens of a step in one flat tensor (prefill chunks and decodes of many
@@ -32,6 +33,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
 
+    @abc.abstractmethod
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
@@ -39,10 +41,11 @@ class CausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
-        raise NotImplementedError  # each architecture defines its forward
+        """Hidden states ``[T, hidden]`` for this step's tokens."""
 
+    @abc.abstractmethod
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
-        raise NotImplementedError  # each architecture defines its LM head
+        """Logits of the LM head."""
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
         """Copy checkpoint tensors (Hugging Face names) into parameters, casting dtype.
