@@ -440,7 +440,7 @@ def test_config_weights_layer_count_mismatch(stories_dir, tmp_path, num_layers, 
 def test_bfloat16_generates_like_float32(stories_dir, llm) -> None:
     bf16 = _load(stories_dir, dtype="bfloat16")
     assert bf16.dtype == torch.bfloat16
-    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in bf16.model.state_dict().values()} == {torch.bfloat16}
     params = GREEDY.replace(max_new_tokens=16)
     for ours, reference in zip(
         bf16.generate(PROMPTS[:2], params), llm.generate(PROMPTS[:2], params), strict=True
@@ -452,7 +452,7 @@ def test_float16_on_cpu_falls_back_to_float32(stories_dir, caplog) -> None:
     with caplog.at_level(logging.WARNING):
         fp16 = _load(stories_dir, dtype="float16")
     assert fp16.dtype == torch.float32
-    assert {p.dtype for p in fp16.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in fp16.model.state_dict().values()} == {torch.float32}
     assert any(r.levelno == logging.WARNING and "float16" in r.getMessage() for r in caplog.records)
 
 
@@ -461,10 +461,19 @@ def test_auto_dtype_follows_config(stories_dir, tmp_path) -> None:
     path = _copy_checkpoint(stories_dir, tmp_path, torch_dtype="bfloat16")
     bf16 = _load(path)
     assert bf16.dtype == torch.bfloat16
-    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in bf16.model.state_dict().values()} == {torch.bfloat16}
     assert _load(path, dtype="float32").dtype == torch.float32  # an explicit dtype wins
 
 
 def test_unknown_dtype(stories_dir) -> None:
     with pytest.raises(ModelLoadError, match="int7"):
         _load(stories_dir, dtype="int7")
+
+
+def test_loaded_weights_are_plain_tensors_under_their_checkpoint_names(llm) -> None:
+    # Parameters would send every op through __torch_function__ dispatch on the hot path.
+    assert list(llm.model.parameters()) == []
+    state = llm.model.state_dict()
+    assert "model.layers.0.input_layernorm.weight" in state
+    assert type(state["model.layers.0.input_layernorm.weight"]) is torch.Tensor
+    assert not any("rotary" in name for name in state)  # tables are not weights

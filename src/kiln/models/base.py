@@ -98,6 +98,20 @@ class CausalLM(nn.Module, abc.ABC):
                     warmed.add(tuple(module.packed_weight.shape))
                     module.warm_up()
 
+    def convert_parameters_to_buffers(self) -> None:
+        """Re-register every parameter as a plain-tensor buffer (same name, same storage,
+        still in ``state_dict``). Call after loading (and packing): inference needs no
+        autograd, and an ``nn.Parameter`` argument sends each op through Python's
+        ``__torch_function__`` dispatch (``F.rms_norm`` at SmolLM2 shapes on 2 cores: 16.6 us
+        with a Parameter weight, 10.5 us with a tensor; a step runs 2 norms per layer)."""
+        for module in self.modules():
+            for name, param in list(module._parameters.items()):
+                del module._parameters[name]
+                if param is not None:
+                    module.register_buffer(name, param.detach())
+                else:
+                    setattr(module, name, None)
+
     def _param_for(self, hf_name: str) -> tuple[str, int | None]:
         for fused, original, shard in self.stacked_params:
             if original in hf_name:

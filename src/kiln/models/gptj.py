@@ -29,16 +29,18 @@ class GPTJAttention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor,  # [T, hidden], normalised
+        residual: torch.Tensor,  # [T, hidden], added to the output
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         rotary: RotaryEmbedding,
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(x).view(x.shape[0], 3 * self.num_heads, self.head_dim)
-        q, k = rotary.apply(qkv[:, : 2 * self.num_heads], *cos_sin).chunk(2, dim=1)
-        v = qkv[:, 2 * self.num_heads :]
-        return self.out_proj(self.attn(q, k, v, kv_cache, attn_metadata))
+        qkv = self.qkv_proj.forward(x).view(x.shape[0], 3 * self.num_heads, self.head_dim)
+        rotary.rotate_(qkv[:, : 2 * self.num_heads], *cos_sin)
+        q = qkv[:, : self.num_heads]
+        kv = qkv[:, self.num_heads :].unflatten(1, (2, self.num_heads)).transpose(0, 1)
+        return self.out_proj.forward(self.attn.forward(q, kv, kv_cache, attn_metadata), residual)
 
 
 class GPTJMLP(nn.Module):
@@ -47,8 +49,8 @@ class GPTJMLP(nn.Module):
         self.fc_in = Linear(config.hidden_size, config.intermediate_size, bias=True)
         self.fc_out = Linear(config.intermediate_size, config.hidden_size, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.fc_out.forward(F.gelu(self.fc_in.forward(x), approximate="tanh"), residual)
 
 
 class GPTJBlock(nn.Module):
@@ -66,8 +68,10 @@ class GPTJBlock(nn.Module):
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        h = self.ln_1(x)
-        return x + self.attn(h, cos_sin, rotary, kv_cache, attn_metadata) + self.mlp(h)
+        h = self.ln_1.forward(x)
+        # Parallel residual: x + attn(h) + mlp(h), each add fused into an output projection.
+        x = self.attn.forward(h, x, cos_sin, rotary, kv_cache, attn_metadata)
+        return self.mlp.forward(h, x)
 
 
 class GPTJForCausalLM(CausalLM):
@@ -113,8 +117,8 @@ class GPTJForCausalLM(CausalLM):
         x = self.transformer.wte(input_ids)
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
         for block, kv_cache in zip(self.transformer.h, kv_caches, strict=True):
-            x = block(x, cos_sin, self.rotary, kv_cache, attn_metadata)
-        return self.transformer.ln_f(x)
+            x = block.forward(x, cos_sin, self.rotary, kv_cache, attn_metadata)
+        return self.transformer.ln_f.forward(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -79,4 +79,5 @@ def build_model(
         model.load_weights(weights, source=str(checkpoint.path))
     if device.type == "cpu":
         model.prepare_for_cpu()
+    model.convert_parameters_to_buffers()
     return model.eval()

@@ -123,14 +123,14 @@ class PagedAttention(nn.Module):
     def forward(
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim]
-        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
-        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        kv: torch.Tensor,  # [2, T, num_kv_heads, head_dim]: this step's keys and values
         kv_cache: torch.Tensor,  # [2, num_slots, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
-        key_cache, value_cache = kv_cache
-        key_cache[metadata.slot_mapping] = k
-        value_cache[metadata.slot_mapping] = v
+        # NOTE: one index_copy_/index_select over both halves of the cache instead of
+        # per-half advanced indexing: ~2 us vs ~4 us to write, ~4 us vs ~26 us to gather a
+        # 100-token context (SmolLM2 shapes, 2 cores); they run once per layer per sequence.
+        kv_cache.index_copy_(1, metadata.slot_mapping, kv)
         gqa = self.num_heads != self.num_kv_heads
         # NOTE: 4-D inputs: with 3-D ones CPU SDPA takes its slow math path (~4x slower).
         q = q.transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
@@ -140,10 +140,15 @@ class PagedAttention(nn.Module):
             q_seq = (
                 q if single else q[:, :, seq.query_start : seq.query_start + seq.num_query_tokens]
             )
+            context = (
+                kv_cache[:, seq.kv_slots]
+                if isinstance(seq.kv_slots, slice)
+                else kv_cache.index_select(1, seq.kv_slots)
+            ).transpose(1, 2)  # [2, KV, L, D]
             out = F.scaled_dot_product_attention(
                 q_seq,
-                key_cache[seq.kv_slots].transpose(0, 1).unsqueeze(0),  # [1, KV, L, D]
-                value_cache[seq.kv_slots].transpose(0, 1).unsqueeze(0),
+                context[0].unsqueeze(0),  # [1, KV, L, D]
+                context[1].unsqueeze(0),
                 attn_mask=seq.mask,
                 is_causal=seq.is_causal,
                 scale=self.scale,

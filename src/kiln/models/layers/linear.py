@@ -54,16 +54,34 @@ class Linear(nn.Module):
         layer.weight.data = weight.detach().clone()
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:  # [T, in] -> [T, out]
+        """``x @ W.T + b``, plus ``residual`` ``[T, out]`` when given (fused into the packed
+        kernel as a post-op: no separate add over the output)."""
         if self.packed_weight is None:
-            return F.linear(x, self.weight, self.bias)
+            out = F.linear(x, self.weight, self.bias)
+            return out if residual is None else out.add_(residual)
         num_rows = x.shape[0]
         if num_rows > _MAX_PACKED_ROWS:
-            return torch.cat([self.forward(part) for part in x.split(_MAX_PACKED_ROWS)])
+            parts = x.split(_MAX_PACKED_ROWS)
+            residuals = (
+                [None] * len(parts) if residual is None else residual.split(_MAX_PACKED_ROWS)
+            )
+            return torch.cat([self.forward(p, r) for p, r in zip(parts, residuals, strict=True)])
         bucket = _row_bucket(num_rows)
         if bucket != num_rows:
             x = F.pad(x, (0, 0, 0, bucket - num_rows))
-        out = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+            if residual is not None:
+                residual = F.pad(residual, (0, 0, 0, bucket - num_rows))
+        if residual is None:
+            out = torch.ops.mkldnn._linear_pointwise(
+                x, self.packed_weight, self.bias, "none", [], ""
+            )
+        else:
+            out = torch.ops.mkldnn._linear_pointwise.binary(
+                x, residual, self.packed_weight, self.bias, "add"
+            )
         return out if bucket == num_rows else out[:num_rows]
 
     def pack_for_cpu(self) -> None:
@@ -80,12 +98,15 @@ class Linear(nn.Module):
         self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
 
     def warm_up(self) -> None:
-        """Run the packed kernel once at every row bucket, so that oneDNN's per-shape state
-        is created now rather than growing memory while serving."""
+        """Run the packed kernel (plain and with the residual post-op) once at every row
+        bucket, so that oneDNN's per-shape state is created now rather than growing memory
+        while serving."""
         with torch.inference_mode():
+            out_features, in_features = self.packed_weight.shape
             for rows in _ROW_BUCKETS:
-                x = torch.zeros(rows, self.packed_weight.shape[1], dtype=self.packed_weight.dtype)
+                x = torch.zeros(rows, in_features, dtype=self.packed_weight.dtype)
                 self.forward(x)
+                self.forward(x, residual=torch.zeros(rows, out_features, dtype=x.dtype))
 
     def shard_rows(self, shard: int) -> slice:
         start = sum(self.output_sizes[:shard])

@@ -71,7 +71,7 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's tables at the full rotary width, ``[T, 1, rotary_dim]`` each; the sine
-        carries the rotation's sign so :meth:`apply` needs no negation. Built once per step,
+        carries the rotation's sign so :meth:`rotate_` needs no negation. Built once per step,
         shared by every layer."""
         if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
             raise ValueError(
@@ -86,12 +86,13 @@ class RotaryEmbedding(nn.Module):
             sin = torch.cat((-sin, sin), dim=-1)
         return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` ``[T, heads, head_dim]`` with tables from :meth:`cos_sin`."""
-        if self.rotary_dim == self.head_dim:
-            return torch.addcmul(x * cos, self._swap(x), sin)
-        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        return torch.cat((torch.addcmul(rot * cos, self._swap(rot), sin), rest), dim=-1)
+    def rotate_(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate ``x`` ``[T, heads, head_dim]`` in place (a view into the fused q/k/v output,
+        so the rotated keys sit next to the values for one cache write) with tables from
+        :meth:`cos_sin`."""
+        rot = x if self.rotary_dim == self.head_dim else x[..., : self.rotary_dim]
+        # Both operands are computed before ``out`` is written, so aliasing ``rot`` is safe.
+        torch.addcmul(rot * cos, self._swap(rot), sin, out=rot)
 
     def _swap(self, x: torch.Tensor) -> torch.Tensor:
         """The partner of each rotated dim: adjacent pairs swapped (GPT-J) or halves swapped."""
