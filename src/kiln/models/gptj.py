@@ -29,8 +29,7 @@ class GPTJAttention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [T, hidden], normalised
-        residual: torch.Tensor,  # [T, hidden], added to the output
+        x: torch.Tensor,  # [T, hidden]
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         rotary: RotaryEmbedding,
         kv_cache: torch.Tensor,
@@ -40,7 +39,7 @@ class GPTJAttention(nn.Module):
         rotary.rotate_(qkv[:, : 2 * self.num_heads], *cos_sin)
         q = qkv[:, : self.num_heads]
         kv = qkv[:, self.num_heads :].unflatten(1, (2, self.num_heads)).transpose(0, 1)
-        return self.out_proj.forward(self.attn.forward(q, kv, kv_cache, attn_metadata), residual)
+        return self.out_proj.forward(self.attn.forward(q, kv, kv_cache, attn_metadata))
 
 
 class GPTJMLP(nn.Module):
@@ -49,8 +48,8 @@ class GPTJMLP(nn.Module):
         self.fc_in = Linear(config.hidden_size, config.intermediate_size, bias=True)
         self.fc_out = Linear(config.intermediate_size, config.hidden_size, bias=True)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.fc_out.forward(F.gelu(self.fc_in.forward(x), approximate="tanh"), residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out.forward(F.gelu(self.fc_in.forward(x), approximate="tanh"))
 
 
 class GPTJBlock(nn.Module):
@@ -69,9 +68,8 @@ class GPTJBlock(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         h = self.ln_1.forward(x)
-        # Parallel residual: x + attn(h) + mlp(h), each add fused into an output projection.
-        x = self.attn.forward(h, x, cos_sin, rotary, kv_cache, attn_metadata)
-        return self.mlp.forward(h, x)
+        attn = self.attn.forward(h, cos_sin, rotary, kv_cache, attn_metadata)
+        return x + attn + self.mlp.forward(h)
 
 
 class GPTJForCausalLM(CausalLM):

@@ -43,8 +43,7 @@ class LlamaAttention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [T, hidden], normalised
-        residual: torch.Tensor,  # [T, hidden], added to the output
+        x: torch.Tensor,  # [T, hidden]
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         rotary: RotaryEmbedding,
         kv_cache: torch.Tensor,
@@ -58,7 +57,7 @@ class LlamaAttention(nn.Module):
         q = qkv[:, : self.num_heads]
         kv = qkv[:, self.num_heads :].unflatten(1, (2, self.num_kv_heads)).transpose(0, 1)
         out = self.attn.forward(q, kv, kv_cache, attn_metadata)
-        return self.o_proj.forward(out, residual)
+        return self.o_proj.forward(out)
 
 
 class LlamaMLP(nn.Module):
@@ -73,9 +72,9 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}")
         self.act = _ACTIVATIONS[config.hidden_act]
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.forward(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj.forward(self.act(gate).mul_(up), residual)
+        return self.down_proj.forward(self.act(gate).mul_(up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -95,8 +94,8 @@ class LlamaDecoderLayer(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         h = self.input_layernorm.forward(x)
-        x = self.self_attn.forward(h, x, cos_sin, rotary, kv_cache, attn_metadata)
-        return self.mlp.forward(self.post_attention_layernorm.forward(x), x)
+        x = x + self.self_attn.forward(h, cos_sin, rotary, kv_cache, attn_metadata)
+        return x + self.mlp.forward(self.post_attention_layernorm.forward(x))
 
 
 class LlamaModel(nn.Module):
