@@ -190,6 +190,7 @@ def test_generate_prompt_prints_the_library_completion(generate_20, stories_llm)
 
 def test_weights_progress_bar_goes_to_stderr_only(generate_20):
     assert "Loading weights" in generate_20.stderr
+    assert "/47 " in generate_20.stderr  # the bar knows stories260K's 47 tensors up front
     assert "Loading weights" not in generate_20.stdout
     assert "tensors" not in generate_20.stdout
     # The bar blanks itself when done: nothing is left on the terminal but the text.

@@ -49,6 +49,9 @@ def _assert_round_trip(path: Path, model: LlamaForCausalLM) -> None:
     weights = dict(stream)
     expected = model.state_dict()
     assert sorted(weights) == sorted(expected)
+    # The progress bar's total: known from safetensors headers, not from pickled .bin files.
+    safetensors = any(path.glob("*.safetensors"))
+    assert checkpoint.num_weights == (len(weights) if safetensors else None)
     for name, tensor in expected.items():
         assert torch.equal(weights[name], tensor), name
     assert checkpoint.config["model_type"] == "llama"
@@ -141,11 +144,17 @@ def test_missing_shard(tmp_path, tiny_model, stories_dir):
         load_hf_dir(path, "tiny")
 
 
-def test_corrupt_safetensors_is_reported_when_read(saved):
+def test_corrupt_safetensors_header_is_reported_with_the_file(saved):
     (saved / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
-    checkpoint = load_hf_dir(saved, "tiny")
-    with pytest.raises(ModelLoadError, match=r"model\.safetensors"):
-        list(checkpoint.load_weights())
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: cannot read"):
+        load_hf_dir(saved, "tiny")
+
+
+def test_truncated_safetensors_is_reported_before_loading(saved):
+    weights = saved / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # header intact, last tensor cut short
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: cannot read"):
+        load_hf_dir(saved, "tiny")
 
 
 # --- resolve_checkpoint -------------------------------------------------------------------
@@ -159,6 +168,7 @@ def test_resolve_directory(saved):
 def test_resolve_gguf_file_and_directory(tmp_path, smollm2_gguf):
     checkpoint = resolve_checkpoint(str(smollm2_gguf))
     assert checkpoint.path == smollm2_gguf and checkpoint.config["model_type"] == "llama"
+    assert checkpoint.num_weights == 272  # SmolLM2's tensors, all mapped (tied head: no output)
     folder = tmp_path / "gguf-dir"
     folder.mkdir()
     (folder / "model.gguf").symlink_to(smollm2_gguf)

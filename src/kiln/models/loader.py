@@ -70,6 +70,7 @@ def build_model(
     with torch.no_grad():
         weights = tqdm(
             checkpoint.load_weights(),
+            total=checkpoint.num_weights,
             desc="Loading weights",
             unit=" tensors",
             disable=not progress,

@@ -34,3 +34,6 @@ class Checkpoint:
     load_weights: Callable[[], WeightIterator]
     """Yields ``(hf_parameter_name, tensor)`` pairs; called once, when the model is built."""
     generation_config: dict[str, Any] = field(default_factory=dict)
+    num_weights: int | None = None
+    """How many pairs ``load_weights`` yields, when the format says without reading tensors
+    (safetensors headers, GGUF); the total of the loading progress bar."""

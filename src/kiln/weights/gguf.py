@@ -129,6 +129,7 @@ def load_gguf(path: Path, name: str) -> Checkpoint:
         tokenizer_config=tokenizer_config,
         load_weights=_weight_loader(gguf_file, config),
         generation_config=_generation_config(meta, config),
+        num_weights=sum(hf_tensor_name(t.name) is not None for t in gguf_file.tensors),
     )
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ def load_hf_dir(path: Path, name: str) -> Checkpoint:
         tokenizer_config=tokenizer_config,
         load_weights=_weight_loader(files, read_file),
         generation_config=generation_config,
+        num_weights=_count_safetensors(files) if read_file is _read_safetensors else None,
     )
 
 
@@ -131,13 +133,28 @@ def _weight_loader(files: list[Path], read_file: FileReader) -> Callable[[], Wei
     return load_weights
 
 
-def _read_safetensors(file: Path) -> WeightIterator:
+@contextlib.contextmanager
+def _open_safetensors(file: Path) -> Iterator[Any]:
     try:
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield key, f.get_tensor(key)
+            yield f
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"{file}: cannot read safetensors file ({e})") from e
+
+
+def _count_safetensors(files: list[Path]) -> int:
+    """Tensors in the files, from their headers alone."""
+    count = 0
+    for file in files:
+        with _open_safetensors(file) as f:
+            count += len(f.keys())
+    return count
+
+
+def _read_safetensors(file: Path) -> WeightIterator:
+    with _open_safetensors(file) as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            yield key, f.get_tensor(key)
 
 
 def _read_torch_bin(file: Path) -> WeightIterator:
