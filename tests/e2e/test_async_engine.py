@@ -31,7 +31,7 @@ from kiln.engine.outputs import RequestOutput
 from kiln.engine.request import FinishReason
 from kiln.engine.scheduler import QueueFullError
 from kiln.errors import ContextLengthError, KilnError
-from model_copies import EOS_AT, EOS_PROMPT, stories_with_extra_eos
+from model_copies import EOS_AT, EOS_PROMPT
 
 T = TypeVar("T")
 
@@ -42,16 +42,6 @@ STORY = (
 TIMEOUT_S = 60.0
 # A request that runs until it is stopped: greedy, past any EOS, 400 tokens after STORY.
 LONG = SamplingParams(temperature=0.0, max_new_tokens=400, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # NOTE: stories260K gains nothing from intra-op threads, and on a busy 2-core machine
-    # OpenMP's spinning threads make each tiny matmul up to 50x slower.
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -103,13 +93,6 @@ def _assert_no_leak(async_engine: AsyncEngine) -> None:
 
 
 # --- an EOS that greedy decoding reaches ---------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def eos_dir(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return stories_with_extra_eos(
-        stories_dir, tmp_path_factory.mktemp("stories_eos"), _llm(stories_dir)
-    )
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 from kiln import LLM, SamplingParams
 from kiln.errors import ContextLengthError
@@ -136,16 +135,6 @@ def replay_chat(
         out.append(reply + "\n")
         history = [*kept, {"role": "assistant", "content": reply}]
     return "".join(out), num_errors, most_dropped
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The library side of each comparison runs on one thread, as the CLI runs do (--threads 1):
-    same arithmetic on both sides, and no thread oversubscription on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ prefix caching or preemption; the prefix cache is reused across calls; metrics a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +22,6 @@ STORY = (
     "park with her dog, Max. One day, Lily and Max found a big red ball under a tree."
 )
 OTHER_STORY = "Tom and Sue were friends. They liked to play with their toys in the garden."
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # NOTE: stories260K gains nothing from intra-op threads, and on a busy 2-core machine
-    # OpenMP's spinning threads make each tiny matmul up to 50x slower.
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
 
 
 def _llm(stories_dir: Path, **kwargs: Any) -> LLM:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import gc
 import json
-import subprocess
-import sys
 import threading
 import time
 import weakref
@@ -26,29 +24,18 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
 
 from kiln import LLM, SamplingParams
 from kiln.config.server import ServerConfig
 from kiln.server.models import ModelManager, ModelSpec
-from model_copies import EOS_AT, EOS_PROMPT, stories_with_extra_eos
-from server_harness import free_port, running_server
+from model_copies import EOS_AT, EOS_PROMPT
+from server_harness import kiln_serve, running_server
 
 KV_CACHE_BYTES = 16 << 20
 TIMEOUT_S = 30.0
 SHORT = 20  # tokens: stories260K makes all of them, the eos copy stops at EOS_AT + 1
 LONG = 150  # tokens of the stream that outlives a switch
 API_KEY = "s3cret"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # NOTE: stories260K gains nothing from intra-op threads, and on a busy machine OpenMP's
-    # spinning threads make each tiny matmul many times slower.
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
 
 
 class Loader:
@@ -105,12 +92,6 @@ class Loader:
 
 def _spec(name: str, path: Path | str) -> ModelSpec:
     return ModelSpec(name, str(path), {"kv_cache_memory": KV_CACHE_BYTES})
-
-
-@pytest.fixture(scope="module")
-def eos_dir(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    stories = LLM(str(stories_dir), kv_cache_memory=KV_CACHE_BYTES)
-    return stories_with_extra_eos(stories_dir, tmp_path_factory.mktemp("eos"), stories)
 
 
 @pytest.fixture(scope="module")
@@ -485,38 +466,10 @@ def test_unload_first_drains_then_loads_and_puts_back_the_previous_on_failure(
 def test_kiln_serve_with_two_models(stories_dir: Path, eos_dir: Path, tmp_path: Path):
     config = tmp_path / "models.json"
     config.write_text(json.dumps({"models": [{"name": "eos", "model": str(eos_dir)}]}))
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "kiln.cli.main",
-        "serve",
-        "--model",
-        str(stories_dir),
-        "--models-config",
-        str(config),
-        "--kv-cache-memory",
-        str(KV_CACHE_BYTES),
-        "--threads",
-        "1",
-        "--port",
-        str(port),
-    ]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT_S) as client:
-
-            def healthy() -> bool:
-                assert server.poll() is None, server.stderr.read().decode()  # type: ignore[union-attr]
-                try:
-                    return client.get("/health").status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            _wait_for(healthy, timeout=60)
-            assert _statuses(client) == {"stories260K": "available", "eos": "unloaded"}
-            _switch_to(client, "eos")
-            assert client.get("/info").json()["model_id"] == "eos"
-    finally:
-        server.terminate()
-        server.wait(TIMEOUT_S)
+    with (
+        kiln_serve(stories_dir, tmp_path, "--models-config", str(config)) as server,
+        httpx.Client(base_url=server.url, timeout=TIMEOUT_S) as client,
+    ):
+        assert _statuses(client) == {"stories260K": "available", "eos": "unloaded"}
+        _switch_to(client, "eos")
+        assert client.get("/info").json()["model_id"] == "eos"

@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
 from huggingface_hub import InferenceClient
 
 from kiln import LLM, SamplingParams
@@ -33,16 +32,6 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 STORY_CHAT = [{"role": "user", "content": "Tell me a story."}]
 CHAT_TOKENS = 24
 MAX_CONCURRENT = 4  # the SmolLM2 server's seats: the overload test fills them
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # NOTE: these models gain nothing from intra-op threads, and on a busy 2-core machine
-    # OpenMP's spinning threads make each tiny matmul up to 50x slower.
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
 
 
 def _greedy(**kwargs: Any) -> SamplingParams:

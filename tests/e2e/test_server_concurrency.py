@@ -20,7 +20,6 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 
 from kiln import LLM, SamplingParams
 from kiln.config.server import ServerConfig
@@ -47,16 +46,6 @@ IDLE_GAUGES = (
     "tgi_queue_size",
     "kiln_requests_in_flight",
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # NOTE: stories260K gains nothing from intra-op threads, and on a busy machine OpenMP's
-    # spinning threads make each tiny matmul many times slower.
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
 
 
 def _llm(path: Path) -> LLM:

@@ -20,7 +20,6 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 from pydantic import BaseModel, ValidationError
 
 from kiln import LLM, SamplingParams
@@ -39,16 +38,6 @@ MAX_TOKENS = 3
 """Tokens per choice a fuzzed request may generate: what keeps fuzzing fast on CPU."""
 PROMPT = "Lily and Max went to the park."
 TIMEOUT_S = 30.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # NOTE: stories260K gains nothing from intra-op threads, and on a busy machine OpenMP's
-    # spinning threads make each tiny matmul many times slower.
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
 
 
 def _llm(path: Path) -> LLM:

@@ -7,86 +7,25 @@ is cut, and the process still exits promptly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
-from server_harness import free_port
+from server_harness import Server, kiln_serve
 
-STARTUP_TIMEOUT_S = 90.0
 LONG_TOKENS = 480  # stories260K has 512 positions; it never emits EOS on its own
 NUM_STREAMS = 4
 ONE_AT_A_TIME = ("--max-num-seqs", "1")
 """The streams run one after the other (the others wait in the queue, in flight too):
 NUM_STREAMS * LONG_TOKENS engine steps, seconds of work."""
 PROMPT = "Once upon a time"
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@contextlib.contextmanager
-def kiln_serve(stories_dir: Path, tmp_path: Path, *extra: str) -> Iterator[Server]:
-    port = free_port()
-    log = tmp_path / f"serve-{port}.log"
-    command = [
-        sys.executable,
-        "-m",
-        "kiln.cli.main",
-        "serve",
-        "--model",
-        str(stories_dir),
-        "--port",
-        str(port),
-        "--threads",
-        "1",
-        "--kv-cache-memory",
-        str(64 << 20),
-        *extra,
-    ]
-    with log.open("wb") as out:
-        # NOTE: its own session, so a Ctrl-C meant for pytest does not reach it (nor the
-        # signals sent to it, pytest).
-        process = subprocess.Popen(
-            command,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},  # the log is whole when it is read
-        )
-    server = Server(process, f"http://127.0.0.1:{port}", log)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"kiln serve exited:\n{server.output()}"
-            assert time.monotonic() < deadline, f"kiln serve did not start:\n{server.output()}"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(server.url + "/health", timeout=1.0).status_code == 200:
-                    break
-            time.sleep(0.1)
-        yield server
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def _refused(url: str) -> bool:

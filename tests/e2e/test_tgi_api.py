@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 from huggingface_hub import InferenceClient
 from huggingface_hub import errors as hub_errors
 
@@ -26,7 +25,7 @@ from kiln import LLM, SamplingParams
 from kiln.config.server import ServerConfig
 from kiln.engine.outputs import CompletionOutput
 from kiln.engine.request import FinishReason
-from model_copies import EOS_AT, EOS_PROMPT, stories_with_extra_eos
+from model_copies import EOS_AT, EOS_PROMPT
 from server_harness import running_server
 
 text_generation = pytest.importorskip("text_generation")
@@ -41,25 +40,8 @@ KV_CACHE_BYTES = 16 << 20
 TIMEOUT_S = 30.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # NOTE: stories260K gains nothing from intra-op threads, and on a busy machine OpenMP's
-    # spinning threads make each tiny matmul many times slower.
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
 def _llm(path: Path) -> LLM:
     return LLM(str(path), kv_cache_memory=KV_CACHE_BYTES)
-
-
-@pytest.fixture(scope="module")
-def eos_dir(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return stories_with_extra_eos(
-        stories_dir, tmp_path_factory.mktemp("stories_eos"), _llm(stories_dir)
-    )
 
 
 @pytest.fixture(scope="module")

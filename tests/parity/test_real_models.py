@@ -33,15 +33,7 @@ SMOLLM2_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """NOTE: one intra-op thread: these models' matrices are small enough that a second thread
-    barely helps, and on a busy 2-core machine two OpenMP threads waiting on each other at
-    every op make the module several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _eos_ids(llm: LLM) -> list[int]:

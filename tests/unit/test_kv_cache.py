@@ -7,13 +7,13 @@ the way ``Scheduler.update`` does.
 from __future__ import annotations
 
 import random
-from collections import Counter
 
 import pytest
 
 from kiln.engine.kv_cache import KVBlock, KVCacheManager, hash_block
 from kiln.engine.request import Request
 from kiln.sampling import SamplingParams
+from kv_invariants import check_invariants
 
 EOS = 0
 
@@ -50,26 +50,6 @@ def snapshot(kv: KVCacheManager, *requests: Request) -> tuple:
         kv.prefix_hits,
         [(list(r.block_ids), r.num_computed_tokens) for r in requests],
     )
-
-
-def check_invariants(kv: KVCacheManager, live: list[Request]) -> None:
-    """Accounting is exact: ref counts are the number of holders, free == ref_count 0, only
-    cached (hashed) blocks are shared, and the hash index agrees with the blocks."""
-    holders: Counter[int] = Counter()
-    for request in live:
-        assert len(set(request.block_ids)) == len(request.block_ids)
-        holders.update(request.block_ids)
-    assert kv.num_free_blocks + kv.num_used_blocks == kv.num_blocks
-    assert kv.num_used_blocks == len(holders)
-    for block in kv.blocks:
-        assert block.ref_count == holders[block.block_id]
-        assert (block.ref_count == 0) == (block.block_id in kv._free)
-        if block.ref_count > 1:
-            assert block.block_hash is not None, "only cached prefix blocks may be shared"
-        if block.block_hash is not None:
-            assert kv._cached[block.block_hash] is block
-    for block_hash, block in kv._cached.items():
-        assert block.block_hash == block_hash
 
 
 # --- allocation accounting -------------------------------------------------------------------

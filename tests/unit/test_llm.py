@@ -26,15 +26,7 @@ PROMPTS = [
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """NOTE: one intra-op thread: these models' matrices are small enough that a second thread
-    barely helps, and on a busy 2-core machine two OpenMP threads waiting on each other at
-    every op make the module several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import random
 import zlib
-from collections import Counter
 
 import pytest
 
@@ -22,6 +21,7 @@ from kiln.engine.request import FinishReason, Request, RequestStatus
 from kiln.engine.scheduler import QueueFullError, Scheduler
 from kiln.errors import KilnError
 from kiln.sampling import SamplingParams
+from kv_invariants import check_invariants
 
 EOS = 0
 
@@ -109,27 +109,14 @@ def spans(out: SchedulerOutput) -> list[tuple[str, int, int]]:
 
 
 def check_kv(scheduler: Scheduler) -> None:
-    """Blocks are held exactly by running requests; ref counts are the number of holders; two
-    running requests share a block only if it is a cached (hashed) prefix block."""
-    kv = scheduler.kv_cache
-    holders: Counter[int] = Counter()
+    """Blocks are held exactly by running requests (see ``check_invariants``); waiting and
+    preempted requests hold none."""
     for request in scheduler.running:
         assert request.status is RequestStatus.RUNNING
-        assert len(set(request.block_ids)) == len(request.block_ids)
-        holders.update(request.block_ids)
     for request in scheduler.waiting:
         assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
         assert request.block_ids == [] and request.num_computed_tokens == 0
-    assert kv.num_free_blocks + kv.num_used_blocks == kv.num_blocks
-    assert kv.num_used_blocks == len(holders)
-    for block in kv.blocks:
-        assert block.ref_count == holders[block.block_id]
-        assert (block.ref_count == 0) == (block.block_id in kv._free)
-        if block.ref_count > 1:
-            assert block.block_hash is not None
-            assert kv._cached[block.block_hash] is block
-    for block_hash, block in kv._cached.items():
-        assert block.block_hash == block_hash
+    check_invariants(scheduler.kv_cache, list(scheduler.running))
 
 
 def check_all_free(scheduler: Scheduler) -> None:
