@@ -24,12 +24,11 @@ import torch
 
 from kiln import LLM, SamplingParams
 from kiln.config import SchedulerConfig
-from kiln.engine.async_engine import AsyncEngine, EngineDeadError
+from kiln.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from kiln.engine.engine import Engine
 from kiln.engine.kv_cache import kv_bytes_per_block
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.request import FinishReason
-from kiln.engine.scheduler import QueueFullError
 from kiln.errors import ContextLengthError, KilnError
 from model_copies import EOS_AT, EOS_PROMPT
 

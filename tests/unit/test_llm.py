@@ -469,3 +469,13 @@ def test_loaded_weights_are_plain_tensors_under_their_checkpoint_names(llm) -> N
     assert "model.layers.0.input_layernorm.weight" in state
     assert type(state["model.layers.0.input_layernorm.weight"]) is torch.Tensor
     assert not any("rotary" in name for name in state)  # tables are not weights
+
+
+def test_generate_takes_a_batch_larger_than_the_servers_queue_bound(llm) -> None:
+    # The queue bound (1,024) is back-pressure for online submission, not a batch size limit.
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(1100)]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=1))
+    assert len(outputs) == 1100
+    firsts = {p: o.token_ids for p, o in zip(prompts, outputs, strict=True)}
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert out.token_ids == firsts[prompt] and len(out.token_ids) == 1

@@ -51,8 +51,10 @@ class SchedulerConfig:
         max_num_seqs: most requests running (holding KV blocks) at once.
         max_num_batched_tokens: most tokens computed in one step (decodes + prefill chunks);
             long prompts are prefilled in chunks of at most this size.
-        max_waiting_requests: most requests queued (not yet running); more are refused, which
-            is the engine's back-pressure. None means unbounded.
+        max_waiting_requests: most requests queued (not yet running) by online submission
+            (``AsyncEngine``, the server); more are refused, which is the engine's
+            back-pressure. None means unbounded. A batch given to ``LLM.generate`` is never
+            refused: it is all queued at once, by design.
     """
 
     max_num_seqs: int = 64

@@ -20,11 +20,14 @@ from dataclasses import dataclass
 from kiln.engine.engine import Engine
 from kiln.engine.metrics import EngineMetrics, EngineStats
 from kiln.engine.outputs import RequestOutput
-from kiln.engine.scheduler import QueueFullError
 from kiln.errors import KilnError
 from kiln.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+class QueueFullError(KilnError):
+    """The waiting queue is at its bound: the caller should retry later (HTTP 429)."""
 
 
 class EngineDeadError(KilnError):

@@ -19,10 +19,6 @@ from kiln.engine.request import FinishReason, Request, RequestStatus
 from kiln.errors import KilnError
 
 
-class QueueFullError(KilnError):
-    """The waiting queue is at its bound: the caller should retry later (HTTP 429)."""
-
-
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
         self.config = config
@@ -35,9 +31,6 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise KilnError(f"request id {request.request_id!r} is already in use")
-        bound = self.config.max_waiting_requests
-        if bound is not None and len(self.waiting) >= bound:
-            raise QueueFullError(f"the queue is full ({bound} requests waiting); retry later")
         self.requests[request.request_id] = request
         self.waiting.append(request)
 

@@ -16,8 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kiln.engine.async_engine import EngineDeadError
-from kiln.engine.scheduler import QueueFullError
+from kiln.engine.async_engine import EngineDeadError, QueueFullError
 from kiln.errors import InvalidRequestError, KilnError
 from kiln.server.models import ModelUnavailableError
 from kiln.server.state import OverloadedError

@@ -21,8 +21,8 @@ from typing import TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from kiln.engine.async_engine import QueueFullError
 from kiln.engine.outputs import RequestOutput
-from kiln.engine.scheduler import QueueFullError
 from kiln.errors import InvalidRequestError, KilnError
 from kiln.sampling import SamplingParams
 from kiln.server.openai.schemas import Usage

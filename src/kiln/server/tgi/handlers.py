@@ -30,10 +30,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from kiln import __version__
-from kiln.engine.async_engine import EngineDeadError
+from kiln.engine.async_engine import EngineDeadError, QueueFullError
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.request import FinishReason
-from kiln.engine.scheduler import QueueFullError
 from kiln.errors import InvalidRequestError, KilnError
 from kiln.server.errors import GenerationError
 from kiln.server.sse import SSE_HEADERS, sse_event
