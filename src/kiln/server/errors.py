@@ -9,6 +9,7 @@ generating (TGI's status for it).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fastapi import FastAPI, Request
@@ -28,6 +29,24 @@ RETRY_AFTER_SECONDS = "1"
 
 class GenerationError(KilnError):
     """The engine failed while generating a request (HTTP 424, as TGI answers it)."""
+
+
+class ClientDisconnectedError(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
+def failure_type(exc: BaseException, client_gone: str) -> str:
+    """The ``err`` label of ``tgi_request_failure`` for a request that ended on ``exc``;
+    ``client_gone`` names a client that left (TGI says ``cancelled``, OpenAI ``aborted``)."""
+    if isinstance(exc, (OverloadedError, QueueFullError)):
+        return "overloaded"
+    if isinstance(exc, InvalidRequestError):
+        return "validation"
+    if isinstance(exc, EngineDeadError):
+        return "unavailable"
+    if isinstance(exc, (ClientDisconnectedError, asyncio.CancelledError, GeneratorExit)):
+        return client_gone
+    return "generation"
 
 
 def is_openai_route(request: Request) -> bool:
@@ -79,17 +98,12 @@ def install_error_handlers(app: FastAPI) -> None:
         message, param = _validation_message(exc)
         return error_response(request, 422, message, "validation", param)
 
-    @app.exception_handler(InvalidRequestError)
-    async def _invalid(request: Request, exc: InvalidRequestError) -> JSONResponse:
-        return error_response(request, 422, str(exc), "validation")
-
-    @app.exception_handler(OverloadedError)
-    async def _overloaded(request: Request, exc: OverloadedError) -> JSONResponse:
+    async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
         return error_response(request, 429, "Model is overloaded", "overloaded")
 
-    @app.exception_handler(QueueFullError)
-    async def _queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
-        return error_response(request, 429, "Model is overloaded", "overloaded")
+    # The server's seat limit and the engine's queue bound are the same answer to a client.
+    app.add_exception_handler(OverloadedError, _overloaded)
+    app.add_exception_handler(QueueFullError, _overloaded)
 
     @app.exception_handler(ModelUnavailableError)
     async def _unavailable(request: Request, exc: ModelUnavailableError) -> JSONResponse:

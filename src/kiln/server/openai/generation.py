@@ -21,19 +21,15 @@ from typing import TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from kiln.engine.async_engine import QueueFullError
 from kiln.engine.outputs import RequestOutput
 from kiln.errors import InvalidRequestError, KilnError
 from kiln.sampling import SamplingParams
+from kiln.server.errors import ClientDisconnectedError, failure_type
 from kiln.server.openai.schemas import Usage
 from kiln.server.sse import SSE_HEADERS, sse_event
-from kiln.server.state import OverloadedError, ServerState
+from kiln.server.state import ServerState
 
 T = TypeVar("T")
-
-
-class ClientGone(Exception):
-    """The client closed its connection before the answer was ready."""
 
 
 @dataclass
@@ -46,16 +42,6 @@ class Choice:
     params: SamplingParams
     finished: bool = False
     num_output_tokens: int = 0
-
-
-def _failure_type(error: BaseException) -> str:
-    if isinstance(error, (OverloadedError, QueueFullError)):
-        return "overloaded"
-    if isinstance(error, InvalidRequestError):
-        return "validation"
-    if isinstance(error, (ClientGone, asyncio.CancelledError, GeneratorExit)):
-        return "aborted"
-    return "generation"
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -123,7 +109,7 @@ class Run:
         self._done = True
         self.close()
         self._seat.close()
-        self.state.metrics.record_failure(_failure_type(error))
+        self.state.metrics.record_failure(failure_type(error, client_gone="aborted"))
 
     # --- choices --------------------------------------------------------------------------
 
@@ -207,13 +193,14 @@ class Run:
     # --- how it ends ----------------------------------------------------------------------
 
     async def unless_disconnected(self, work: Awaitable[T]) -> T:
-        """Await ``work``; raise :class:`ClientGone` (cancelling it) if the client leaves first."""
+        """Await ``work``; raise :class:`ClientDisconnectedError` (cancelling it) if the client
+        leaves first."""
         task = asyncio.ensure_future(work)
         watch = asyncio.ensure_future(_until_disconnected(self.request))
         try:
             await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
             if not task.done() and watch.exception() is None:
-                raise ClientGone
+                raise ClientDisconnectedError
             return await task
         finally:
             watch.cancel()
@@ -250,7 +237,7 @@ class Run:
         finally:
             # NOTE: a client that goes away cancels this generator or closes it at a yield;
             # either way its choices are aborted here, and their blocks freed.
-            self.fail(ClientGone())  # a no-op unless the stream ended early
+            self.fail(ClientDisconnectedError())  # a no-op unless the stream ended early
 
 
 def _error_event(error: BaseException) -> str:

@@ -12,8 +12,8 @@ from collections.abc import Awaitable
 
 from fastapi import APIRouter, Request, Response
 
+from kiln.server.errors import ClientDisconnectedError
 from kiln.server.openai import handlers
-from kiln.server.openai.generation import ClientGone
 from kiln.server.openai.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -58,7 +58,7 @@ async def _answer(request: Request, handling: Awaitable[Response]) -> Response:
         return await handling
     except handlers.OpenAIError as e:
         return e.response(request)
-    except ClientGone:
+    except ClientDisconnectedError:
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it
 
 

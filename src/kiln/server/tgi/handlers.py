@@ -30,13 +30,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from kiln import __version__
-from kiln.engine.async_engine import EngineDeadError, QueueFullError
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.request import FinishReason
-from kiln.errors import InvalidRequestError, KilnError
-from kiln.server.errors import GenerationError
+from kiln.errors import KilnError
+from kiln.server.errors import ClientDisconnectedError, GenerationError, failure_type
 from kiln.server.sse import SSE_HEADERS, sse_event
-from kiln.server.state import OverloadedError, ServerState
+from kiln.server.state import ServerState
 from kiln.server.tgi.schemas import (
     Details,
     GenerateParameters,
@@ -70,10 +69,6 @@ _TGI_FINISH_REASONS = {
 }
 
 
-class ClientDisconnectedError(Exception):
-    """The client went away before its answer was ready."""
-
-
 def _engine_failure(exc: Exception) -> Exception:
     """What the client is told of an exception from the engine: kiln's own errors as they are
     (validation, overload, engine down), anything else as a failed generation."""
@@ -83,15 +78,7 @@ def _engine_failure(exc: Exception) -> Exception:
 
 
 def _error_type(exc: BaseException) -> str:
-    if isinstance(exc, (OverloadedError, QueueFullError)):
-        return "overloaded"
-    if isinstance(exc, InvalidRequestError):
-        return "validation"
-    if isinstance(exc, EngineDeadError):
-        return "unavailable"
-    if isinstance(exc, (ClientDisconnectedError, asyncio.CancelledError, GeneratorExit)):
-        return "cancelled"
-    return "generation"
+    return failure_type(exc, client_gone="cancelled")
 
 
 # --- bookkeeping ----------------------------------------------------------------------------
