@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +51,6 @@ class ModelConfig:
     pad_token_id: int | None = None
     torch_dtype: str | None = None
     """The dtype the checkpoint was saved in, as named in config.json (``bfloat16``...)."""
-    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    """The original config dict, kept for tools that need a field we do not model."""
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -78,10 +75,6 @@ class ModelConfig:
                     f"config.json: rope_scaling type {rope_type!r} is not supported; kiln supports "
                     f"{', '.join(SUPPORTED_ROPE_TYPES)}"
                 )
-
-    @property
-    def num_queries_per_kv(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
     def from_hf(
@@ -111,25 +104,8 @@ class ModelConfig:
             eos_token_ids=tuple(dict.fromkeys(eos)),
             pad_token_id=hf.get("pad_token_id"),
             torch_dtype=hf.get("torch_dtype") or hf.get("dtype"),
-            raw=dict(hf),
             **fields,
         )
-
-    @classmethod
-    def from_dir(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise ModelLoadError(
-                f"{config_file}: not found (a Hugging Face model needs config.json)"
-            )
-        gen_file = path / "generation_config.json"
-        return cls.from_hf(
-            read_json(config_file), read_json(gen_file) if gen_file.is_file() else None
-        )
-
-    def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
 
 
 def read_json(path: Path) -> dict[str, Any]:

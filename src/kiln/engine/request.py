@@ -75,9 +75,6 @@ class Request:
             return self.output_token_ids[start - num_prompt : stop - num_prompt]
         return self.prompt_token_ids[start:] + self.output_token_ids[: stop - num_prompt]
 
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
     def append_token(self, token_id: int) -> FinishReason | None:
         """Record a sampled token; return why generation ends on it, if it does (stop strings
         are checked later, on text)."""

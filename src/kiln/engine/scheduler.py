@@ -41,7 +41,6 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
-        scheduled: set[str] = set()
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -54,16 +53,15 @@ class Scheduler:
                     break
             else:
                 chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
-                scheduled.add(request.request_id)
                 budget -= num_new
                 i += 1
                 continue
             break  # the request preempted itself: nothing more fits
         if not preempted:
-            budget = self._admit(budget, chunks)
+            self._admit(budget, chunks)
         return SchedulerOutput(chunks=chunks, preempted=preempted)
 
-    def _admit(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+    def _admit(self, budget: int, chunks: list[ScheduledChunk]) -> None:
         now = time.monotonic()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
@@ -81,7 +79,6 @@ class Scheduler:
             self.running.append(request)
             chunks.append(ScheduledChunk(request, num_cached, num_new))
             budget -= num_new
-        return budget
 
     def update(
         self, scheduler_output: SchedulerOutput, model_output: ModelOutput
