@@ -76,8 +76,8 @@ def chat(
         kept: list[dict[str, str]] | None = None
         reply = ""
         try:
-            _, kept = llm.chat_prompt(messages, budget)
-            for delta in llm.stream_chat(kept, params, max_input_tokens=budget):
+            prompt_ids, kept = llm.chat_prompt(messages, budget)
+            for delta in llm.stream(prompt_ids, params):  # rendered and tokenized once
                 reply += delta.text
                 out.write(delta.text)
                 out.flush()

@@ -50,9 +50,10 @@ class Linear(nn.Module):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor) -> Linear:
-        """A bias-free layer holding a copy of ``weight`` (an untied LM head for packing)."""
+        """A bias-free layer over ``weight``'s storage (an LM head tied to the embedding, given
+        its own layer so it can be packed: packing makes its own copy)."""
         layer = cls(weight.shape[1], weight.shape[0])
-        layer.weight.data = weight.detach().clone()
+        layer.weight.data = weight.detach()
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
