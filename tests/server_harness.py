@@ -20,7 +20,7 @@ import uvicorn
 from kiln.config.server import ServerConfig
 from kiln.llm import LLM
 from kiln.server.app import create_app
-from kiln.server.models import ModelManager
+from kiln.serving.models import ModelManager
 
 STARTUP_TIMEOUT_S = 90.0
 

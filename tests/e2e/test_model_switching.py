@@ -27,7 +27,7 @@ import pytest
 
 from kiln import LLM, SamplingParams
 from kiln.config.server import ServerConfig
-from kiln.server.models import ModelManager, ModelSpec
+from kiln.serving.models import ModelManager, ModelSpec
 from model_copies import EOS_AT, EOS_PROMPT
 from server_harness import kiln_serve, running_server
 
@@ -265,7 +265,7 @@ def test_a_switch_serves_waiting_requests_on_the_new_model_and_old_streams_on_th
 ):
     switches = _metric(http, "kiln_model_switches")
     assert manager.active is not None
-    old_llm = weakref.ref(manager.active.llm)
+    old_engine = weakref.ref(manager.active.engine.engine)  # holds the weights, KV cache
     assert _token_ids(_generate(http)) == expected["stories"]
     loader.hold("eos")
     oai = openai.OpenAI(base_url=str(http.base_url) + "/v1", api_key="x", max_retries=0)
@@ -312,7 +312,7 @@ def test_a_switch_serves_waiting_requests_on_the_new_model_and_old_streams_on_th
         assert stream.result(TIMEOUT_S) == expected["stories_long"]
     _wait_for(lambda: _status(http, "stories")["status"] == "unloaded")
     gc.collect()
-    assert old_llm() is None  # its memory is freed
+    assert old_engine() is None  # its memory is freed
 
     assert http.get("/info").json()["model_id"] == "eos"
     assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["eos"]

@@ -120,7 +120,7 @@ def test_the_openapi_schema_is_valid_and_documents_the_api(http: httpx.Client) -
         "/": "CompatGenerateRequest",
         "/generate": "GenerateRequest",
         "/generate_stream": "GenerateRequest",
-        "/tokenize": "GenerateRequest",
+        "/tokenize": "TokenizeRequest",
         "/v1/chat/completions": "ChatCompletionRequest",
         "/v1/completions": "CompletionRequest",
     }

@@ -147,3 +147,23 @@ def test_shutdown_cuts_requests_that_outlast_the_timeout(stories_dir: Path, tmp_
     assert "timeout graceful shutdown exceeded" in server.output()
     assert cut_after < timeout_s + 5  # no client hangs
     assert exited_after < timeout_s + 10
+
+
+def test_a_stream_cut_at_the_timeout_ends_with_an_error_event(
+    stories_dir: Path, tmp_path: Path
+) -> None:
+    extra = ("--shutdown-timeout", "1", *ONE_AT_A_TIME)
+    with kiln_serve(stories_dir, tmp_path, *extra) as server:
+        streams, _ = _streams_across_a_signal(server, signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0, server.output()
+
+    running = [s for s in streams if s.status == 200]
+    assert running, [s.status for s in streams]
+    for stream in running:
+        # Ended, not cut: the error says why, then the end marker clients wait for.
+        assert stream.error is None, stream.error
+        assert stream.events[-1] == "[DONE]", stream.events[-3:]
+        error = json.loads(stream.events[-2])["error"]
+        assert error["type"] == "server_error" and "shutting down" in error["message"]
+    assert "Exception in ASGI application" not in server.output(), server.output()
+    assert "Traceback" not in server.output(), server.output()

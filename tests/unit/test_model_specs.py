@@ -11,7 +11,7 @@ import pytest
 from kiln.cli.main import build_parser
 from kiln.cli.serve import ServedModels, model_specs
 from kiln.config import ConfigError
-from kiln.server.models import ModelManager, ModelSpec, default_name, read_models_config
+from kiln.serving.models import ModelManager, ModelSpec, default_name, read_models_config
 
 
 @pytest.mark.parametrize(

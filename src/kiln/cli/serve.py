@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from kiln.cli.options import ModelOptions, _check_device
 
 if TYPE_CHECKING:
-    from kiln.server.models import ModelSpec
+    from kiln.serving.models import ModelSpec
 
 
 @dataclass
@@ -44,7 +44,7 @@ def model_specs(
 ) -> tuple[list[ModelSpec], str]:
     """The models ``kiln serve`` registers, and the name of the one that serves at start."""
     from kiln.config import ConfigError
-    from kiln.server.models import ModelSpec, default_name, read_models_config
+    from kiln.serving.models import ModelSpec, default_name, read_models_config
 
     options = {
         "dtype": models.dtype,
@@ -112,7 +112,7 @@ def serve(
     from kiln.config.server import ServerConfig
     from kiln.llm import LLM
     from kiln.server.app import create_app
-    from kiln.server.models import ModelManager
+    from kiln.serving.models import ModelManager
 
     config = ServerConfig(
         host=host,

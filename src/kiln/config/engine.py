@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kiln.errors import KilnError
+from kiln.errors import ConfigError
 
-
-class ConfigError(KilnError, ValueError):
-    """An engine setting is out of range."""
+__all__ = ["DEFAULT_CPU_KV_CACHE_MEMORY", "CacheConfig", "ConfigError", "SchedulerConfig"]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kiln.config.engine import ConfigError
+from kiln.errors import ConfigError
 
 
 @dataclass(frozen=True)

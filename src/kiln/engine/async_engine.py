@@ -20,17 +20,17 @@ from dataclasses import dataclass
 from kiln.engine.engine import Engine
 from kiln.engine.metrics import EngineMetrics, EngineStats
 from kiln.engine.outputs import RequestOutput
-from kiln.errors import KilnError
+from kiln.errors import KilnError, OverloadedError, UnavailableError
 from kiln.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
-class QueueFullError(KilnError):
+class QueueFullError(OverloadedError):
     """The waiting queue is at its bound: the caller should retry later (HTTP 429)."""
 
 
-class EngineDeadError(KilnError):
+class EngineDeadError(UnavailableError):
     """The engine loop is not running (stopped, or never started)."""
 
 

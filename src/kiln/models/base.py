@@ -84,10 +84,18 @@ class CausalLM(nn.Module, abc.ABC):
         if absent:
             raise ModelLoadError(f"{source}: checkpoint has no weight for {', '.join(absent[:5])}")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are stored in (that of the first floating-point tensor)."""
+        for tensor in (*self.parameters(), *self.buffers()):
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.get_default_dtype()
+
     def prepare_for_cpu(self) -> None:
         """Inference-only layout change for CPU decode: prepack every linear layer's weight
         (see :meth:`Linear.pack_for_cpu`). Call after :meth:`load_weights`."""
-        if not cpu_packing_available():
+        if not cpu_packing_available(self.dtype):
             return
         warmed: set[tuple[int, ...]] = set()
         for module in self.modules():

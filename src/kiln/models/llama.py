@@ -160,6 +160,6 @@ class LlamaForCausalLM(CausalLM):
         return self.lm_head(hidden)
 
     def prepare_for_cpu(self) -> None:
-        if self.lm_head is None and cpu_packing_available():
+        if self.lm_head is None and cpu_packing_available(self.dtype):
             self.lm_head = Linear.from_weight(self.model.embed_tokens.weight)
         super().prepare_for_cpu()

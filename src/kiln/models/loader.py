@@ -35,8 +35,18 @@ def resolve_dtype(requested: str, config: ModelConfig, device: torch.device) -> 
 
     float16 on CPU falls back to float32: CPU kernels for it are slow and some are missing.
     """
-    name = (config.torch_dtype or "float32") if requested == "auto" else requested
-    if name not in DTYPES:
+    if requested == "auto":
+        name = config.torch_dtype or "float32"
+        if name not in DTYPES:
+            # The bad value is the checkpoint's, not the flag's: name the file and key it came
+            # from, and the flag that overrides it.
+            raise ModelLoadError(
+                f"config.json: {config.torch_dtype_key} {name!r} is not supported; "
+                "use --dtype float32, bfloat16 or float16"
+            )
+    elif requested in DTYPES:
+        name = requested
+    else:
         raise ModelLoadError(f"unknown dtype {requested!r}; use auto, float32, bfloat16 or float16")
     dtype = DTYPES[name]
     if dtype == torch.float16 and device.type == "cpu":

@@ -14,17 +14,18 @@ Like every route but ``/health``, these need the API key when the server has one
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from kiln.server.errors import error_response
-from kiln.server.models import SwitchInProgressError, UnknownModelError
-from kiln.server.state import State
+from kiln.server.errors import TGIRoute
+from kiln.server.state import ServingDep
+from kiln.serving.models import ModelReport
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix="/admin", tags=["admin"], route_class=TGIRoute)
 
 
 class ModelStatus(BaseModel):
@@ -45,23 +46,20 @@ class AdminError(BaseModel):
 _NOT_FOUND = {404: {"model": AdminError, "description": "No model of that name"}}
 
 
-def _unknown(request: Request, name: str) -> JSONResponse:
-    return error_response(request, 404, f"no model named {name!r}", "not_found")
+def _status(report: ModelReport) -> ModelStatus:
+    return ModelStatus(**{**dataclasses.asdict(report), "status": report.status.value})
 
 
 @router.get("/models", response_model=list[ModelStatus])
-async def list_models(state: State) -> list[ModelStatus]:
+async def list_models(serving: ServingDep) -> list[ModelStatus]:
     """Every model the server may serve, with its status."""
-    return [ModelStatus(**s) for s in state.models.statuses()]
+    return [_status(r) for r in serving.models.statuses()]
 
 
 @router.get("/models/{name:path}", response_model=ModelStatus, responses=_NOT_FOUND)
-async def model_status(name: str, state: State, request: Request) -> Response | ModelStatus:
+async def model_status(name: str, serving: ServingDep) -> ModelStatus:
     """One model's status (chat-ui's "Retrieve model status")."""
-    try:
-        return ModelStatus(**state.models.status(name))
-    except UnknownModelError:
-        return _unknown(request, name)
+    return _status(serving.models.status(name))
 
 
 @router.post(
@@ -74,15 +72,10 @@ async def model_status(name: str, state: State, request: Request) -> Response | 
         409: {"model": AdminError, "description": "A switch to another model is under way"},
     },
 )
-async def activate(name: str, state: State, request: Request) -> Response:
+async def activate(name: str, serving: ServingDep) -> Response:
     """Make ``name`` the model that serves: 202 while it loads (poll its status until
     ``available``, or ``failed``), 200 when it is active already."""
-    try:
-        state.models.activate(name)
-    except UnknownModelError:
-        return _unknown(request, name)
-    except SwitchInProgressError as e:
-        return error_response(request, 409, str(e), "conflict")
-    status = state.models.status(name)
-    code = 200 if status["status"] == "available" else 202
-    return JSONResponse(ModelStatus(**status).model_dump(), status_code=code)
+    serving.models.activate(name)
+    status = _status(serving.models.status(name))
+    code = 200 if status.status == "available" else 202
+    return JSONResponse(status.model_dump(), status_code=code)

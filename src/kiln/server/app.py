@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException
@@ -15,8 +15,8 @@ from kiln import __version__
 from kiln.config.server import ServerConfig
 from kiln.llm import LLM
 from kiln.server.errors import error_response, install_error_handlers
-from kiln.server.models import ModelManager
-from kiln.server.state import ServerState
+from kiln.serving.models import ModelManager
+from kiln.serving.service import Serving
 
 UNAUTHENTICATED_PATHS = frozenset({"/health"})
 
@@ -28,18 +28,18 @@ def create_app(model: LLM | ModelManager, config: ServerConfig | None = None) ->
     config = config or ServerConfig()
     if not isinstance(model, ModelManager):
         model = ModelManager.serving(model, config.model_id or model.model_name)
-    state = ServerState(models=model, config=config)
+    serving = Serving(model, config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.models.start()
+        serving.start()
         try:
             yield
         finally:
-            state.models.stop()
+            serving.stop()
 
     app = FastAPI(title="kiln", version=__version__, lifespan=lifespan)
-    app.state.kiln = state
+    app.state.serving = serving
     install_error_handlers(app)
     _install_guards(app, config)
     _include_routers(app)
@@ -123,24 +123,45 @@ class _UnavailableWhenCancelled:
                 await response(scope, receive, send)
 
 
-def _install_guards(app: FastAPI, config: ServerConfig) -> None:
-    app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
-    expected = f"Bearer {config.api_key}".encode() if config.api_key else None
+class _Guard:
+    """The API key and the declared body size, checked before anything else runs.
 
-    @app.middleware("http")
-    async def guard(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        if expected is not None and request.url.path not in UNAUTHENTICATED_PATHS:
-            given = request.headers.get("authorization", "").encode()
+    NOTE: a plain ASGI middleware rather than ``@app.middleware("http")``: that one runs the
+    app in a task of its own, which would keep a stream from ending cleanly (with an error
+    event) when the server's shutdown timeout cancels it.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.expected = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self._refusal(Request(scope))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, request: Request) -> Response | None:
+        if self.expected is not None and request.url.path not in UNAUTHENTICATED_PATHS:
+            # NOTE: RFC 7235: the scheme is case-insensitive ("bearer" is as good as "Bearer").
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
             # NOTE: constant-time comparison, so response timing does not leak the key.
-            if not hmac.compare_digest(given, expected):
+            if not (
+                scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), self.expected)
+            ):
                 return error_response(request, 401, "invalid or missing API key", "authentication")
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return error_response(
-                request, 413, f"request body over {config.max_body_bytes} bytes", "validation"
+                request, 413, f"request body over {self.max_body_bytes} bytes", "validation"
             )
-        return await call_next(request)
+        return None
 
+
+def _install_guards(app: FastAPI, config: ServerConfig) -> None:
+    app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(_Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     app.add_middleware(_UnavailableWhenCancelled)  # added last: the outermost

@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import PlainTextResponse
 
-from kiln.server.metrics import render_prometheus
-from kiln.server.state import State
+from kiln.server.errors import TGIRoute
+from kiln.server.state import ServingDep
 
-router = APIRouter()
+router = APIRouter(route_class=TGIRoute)
 
 
 @router.get(
@@ -16,11 +16,11 @@ router = APIRouter()
     response_class=Response,
     responses={503: {"description": "The engine is not running"}},
 )
-async def health(state: State) -> Response:
+async def health(serving: ServingDep) -> Response:
     """200 when the engine loop runs, 503 otherwise (TGI semantics)."""
-    return Response(status_code=200 if state.engine.is_running else 503)
+    return Response(status_code=200 if serving.is_healthy else 503)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(state: State) -> Response:
-    return Response(render_prometheus(state), media_type="text/plain; version=0.0.4")
+async def metrics(serving: ServingDep) -> Response:
+    return Response(serving.render_metrics(), media_type="text/plain; version=0.0.4")

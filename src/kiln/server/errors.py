@@ -1,56 +1,132 @@
-"""Errors in the shape each API's clients expect.
+"""kiln's errors as HTTP answers: one class-keyed status table, and each API's body shape.
 
-TGI routes answer ``{"error": ..., "error_type": ...}``; OpenAI routes (``/v1/...``) answer
-``{"error": {"message", "type", "param", "code"}}``. Status codes: 422 (TGI) / 400 (OpenAI) for
-invalid input, 429 with ``Retry-After`` when overloaded, 503 (with ``Retry-After``) when the
-engine is down or no model is ready during a model switch, 424 when the engine failed while
-generating (TGI's status for it).
+:data:`STATUS` maps each class of :mod:`kiln.errors` to a status and an ``error_type``; the
+most specific class of an exception wins. The body shape is chosen by the route that was
+matched, as registered by its router (``route_class=TGIRoute`` or ``OpenAIRoute``), never by
+looking at the URL: TGI routes answer ``{"error", "error_type"}``, OpenAI routes
+``{"error": {"message", "type", "param", "code"}}``. 429 and 503 carry ``Retry-After``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
-from kiln.engine.async_engine import EngineDeadError, QueueFullError
-from kiln.errors import InvalidRequestError, KilnError
-from kiln.server.models import ModelUnavailableError
-from kiln.server.state import OverloadedError
+from kiln.errors import (
+    ConfigError,
+    ConflictError,
+    EngineFailureError,
+    InvalidRequestError,
+    KilnError,
+    ModelLoadError,
+    NotFoundError,
+    OverloadedError,
+    UnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 
-RETRY_AFTER_SECONDS = "1"
+STATUS: dict[type[BaseException], tuple[int, str]] = {
+    InvalidRequestError: (422, "validation"),
+    OverloadedError: (429, "overloaded"),
+    UnavailableError: (503, "unavailable"),
+    NotFoundError: (404, "not_found"),
+    ConflictError: (409, "conflict"),
+    EngineFailureError: (424, "generation"),
+    ModelLoadError: (500, "model_load"),
+    ConfigError: (500, "config"),
+    KilnError: (500, "internal"),
+}
+"""Status and ``error_type`` of each error class (TGI's statuses: 422 for invalid input, 424
+for a failed generation)."""
 
 
-class GenerationError(KilnError):
-    """The engine failed while generating a request (HTTP 424, as TGI answers it)."""
+def status_of(exc: BaseException) -> tuple[int, str]:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500, "internal"
 
 
-class ClientDisconnectedError(Exception):
-    """The client closed its connection before its answer was ready."""
+class ErrorShape:
+    """TGI's body: ``{"error": message, "error_type": type}``."""
+
+    def body(
+        self, status: int, message: str, error_type: str, param: str | None, code: str | None
+    ) -> tuple[int, dict[str, Any]]:
+        return status, {"error": message, "error_type": error_type}
 
 
-def failure_type(exc: BaseException, client_gone: str) -> str:
-    """The ``err`` label of ``tgi_request_failure`` for a request that ended on ``exc``;
-    ``client_gone`` names a client that left (TGI says ``cancelled``, OpenAI ``aborted``)."""
-    if isinstance(exc, (OverloadedError, QueueFullError)):
-        return "overloaded"
-    if isinstance(exc, InvalidRequestError):
-        return "validation"
-    if isinstance(exc, EngineDeadError):
-        return "unavailable"
-    if isinstance(exc, (ClientDisconnectedError, asyncio.CancelledError, GeneratorExit)):
-        return client_gone
-    return "generation"
+class OpenAIErrorShape(ErrorShape):
+    """OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``; invalid input is a
+    400 (not 422) and a failed generation a 500 (not TGI's 424), as OpenAI answers them."""
+
+    _TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        429: "rate_limit_error",
+    }
+
+    def body(
+        self, status: int, message: str, error_type: str, param: str | None, code: str | None
+    ) -> tuple[int, dict[str, Any]]:
+        status = {422: 400, 424: 500}.get(status, status)
+        if status in self._TYPES:
+            kind = self._TYPES[status]
+        else:
+            kind = "invalid_request_error" if status < 500 else "server_error"
+        error = {"message": message, "type": kind, "param": param, "code": code or error_type}
+        return status, {"error": error}
 
 
-def is_openai_route(request: Request) -> bool:
-    return request.url.path.startswith("/v1/")
+TGI_ERRORS = ErrorShape()
+OPENAI_ERRORS = OpenAIErrorShape()
+
+
+class TGIRoute(APIRoute):
+    """A route whose errors have TGI's shape (also the shape of routes that set none)."""
+
+    error_shape: ErrorShape = TGI_ERRORS
+
+
+class OpenAIRoute(APIRoute):
+    """A route whose errors have OpenAI's shape."""
+
+    error_shape: ErrorShape = OPENAI_ERRORS
+
+
+def _declared_shape(route: Any) -> ErrorShape | None:
+    """The shape a route (or an included router, by its ``route_class``) was registered with."""
+    shape = getattr(route, "error_shape", None)
+    if shape is None:
+        router = getattr(route, "original_router", None)  # FastAPI's included routers
+        shape = getattr(getattr(router, "route_class", None), "error_shape", None)
+    return shape
+
+
+def shape_for(request: Request) -> ErrorShape:
+    """The error shape of the route ``request`` matched (looked up here when a middleware
+    answers before routing); TGI's when none matches."""
+    shape = _declared_shape(request.scope.get("route"))
+    if shape is not None:
+        return shape
+    partial = None
+    for candidate in request.app.router.routes:
+        match, _ = candidate.matches(request.scope)
+        if match is Match.FULL:
+            return _declared_shape(candidate) or TGI_ERRORS
+        if match is Match.PARTIAL and partial is None:
+            partial = _declared_shape(candidate)
+    return partial or TGI_ERRORS
 
 
 def error_response(
@@ -59,26 +135,29 @@ def error_response(
     message: str,
     error_type: str,
     param: str | None = None,
+    code: str | None = None,
     retry_after: int | None = None,
 ) -> JSONResponse:
-    headers = None
+    status, body = shape_for(request).body(status, message, error_type, param, code)
+    headers = {}
     if status in (429, 503):
-        headers = {"Retry-After": str(retry_after) if retry_after else RETRY_AFTER_SECONDS}
-    if is_openai_route(request):
-        openai_type = {
-            422: "invalid_request_error",
-            400: "invalid_request_error",
-            401: "authentication_error",
-            404: "not_found_error",
-            429: "rate_limit_error",
-        }.get(status, "server_error")
-        status = 400 if status == 422 else status
-        body = {
-            "error": {"message": message, "type": openai_type, "param": param, "code": error_type}
-        }
-        return JSONResponse(body, status_code=status, headers=headers)
-    return JSONResponse(
-        {"error": message, "error_type": error_type}, status_code=status, headers=headers
+        headers["Retry-After"] = str(retry_after or 1)
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def kiln_error_response(request: Request, exc: BaseException) -> JSONResponse:
+    """The answer to one of kiln's errors, from the table."""
+    status, error_type = status_of(exc)
+    return error_response(
+        request,
+        status,
+        str(exc) or type(exc).__name__,
+        error_type,
+        param=getattr(exc, "param", None),
+        code=getattr(exc, "code", None),
+        retry_after=getattr(exc, "retry_after", None),
     )
 
 
@@ -98,34 +177,24 @@ def install_error_handlers(app: FastAPI) -> None:
         message, param = _validation_message(exc)
         return error_response(request, 422, message, "validation", param)
 
-    async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(request, 429, "Model is overloaded", "overloaded")
-
-    # The server's seat limit and the engine's queue bound are the same answer to a client.
-    app.add_exception_handler(OverloadedError, _overloaded)
-    app.add_exception_handler(QueueFullError, _overloaded)
-
-    @app.exception_handler(ModelUnavailableError)
-    async def _unavailable(request: Request, exc: ModelUnavailableError) -> JSONResponse:
-        return error_response(request, 503, str(exc), "unavailable", retry_after=exc.retry_after)
-
-    @app.exception_handler(EngineDeadError)
-    async def _dead(request: Request, exc: EngineDeadError) -> JSONResponse:
-        return error_response(request, 503, str(exc), "unavailable")
-
-    @app.exception_handler(GenerationError)
-    async def _generation(request: Request, exc: GenerationError) -> JSONResponse:
-        return error_response(request, 424, str(exc), "generation")
-
     @app.exception_handler(KilnError)
     async def _kiln(request: Request, exc: KilnError) -> JSONResponse:
-        return error_response(request, 422, str(exc), "validation")
+        if status_of(exc)[0] >= 500 and not isinstance(exc, UnavailableError):
+            logger.error("%s on %s: %s", type(exc).__name__, request.url.path, exc)
+        return kiln_error_response(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(request, exc.status_code, str(exc.detail), "http")
+        if isinstance(exc.__cause__, UnicodeDecodeError):
+            # NOTE: FastAPI reports a body that is not UTF-8 as a bare 400; it is invalid input
+            # like any other JSON error, which TGI answers with 422.
+            reason = exc.__cause__
+            message = f"invalid JSON body: not UTF-8 ({reason.reason} at byte {reason.start})"
+            return error_response(request, 422, message, "validation")
+        error_type = "validation" if exc.status_code == 413 else "http"
+        return error_response(request, exc.status_code, str(exc.detail), error_type)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error on %s", request.url.path)
-        return error_response(request, 500, "internal error", "generation")
+        return error_response(request, 500, "internal error", "internal")

@@ -216,6 +216,19 @@ class Tokenizer:
             ids.append(self._eos_token_id)
         return ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """What :meth:`encode` gives, with each token's ``[start, stop)`` character span in
+        ``text`` (a BOS or EOS that kiln adds itself spans nothing), from one encoding."""
+        encoding = self._backend.encode(text, add_special_tokens=self._add_bos is None)
+        ids, offsets = list(encoding.ids), list(encoding.offsets)
+        if self._add_bos:
+            ids.insert(0, self._bos_token_id)  # type: ignore[arg-type]
+            offsets.insert(0, (0, 0))
+        if self._add_eos:
+            ids.append(self._eos_token_id)  # type: ignore[arg-type]
+            offsets.append((len(text), len(text)))
+        return ids, offsets
+
     def encode_chat(self, rendered_prompt: str) -> list[int]:
         """Ids for a rendered chat template: no special tokens added, since the template already
         wrote them as text (transformers' `apply_chat_template(tokenize=True)` does the same)."""

@@ -25,11 +25,23 @@ def _row_bucket(num_rows: int) -> int:
     return _ROW_BUCKETS[bisect.bisect_left(_ROW_BUCKETS, num_rows)]
 
 
-def cpu_packing_available() -> bool:
-    """oneDNN's prepacked linear (the kernels torch.compile's CPU backend uses) is present."""
-    return torch.backends.mkldnn.is_available() and hasattr(
-        torch.ops.mkldnn, "_reorder_linear_weight"
-    )
+def cpu_packing_available(dtype: torch.dtype) -> bool:
+    """oneDNN's prepacked linear (the kernels torch.compile's CPU backend uses) is present and
+    this CPU runs it in ``dtype``.
+
+    NOTE: its bfloat16 and float16 paths need AVX-512 (or AVX-NE-CONVERT); on a CPU with
+    AVX2 only, packing a bfloat16 weight raises, so such weights stay plain ``F.linear``.
+    """
+    if not (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    ):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return dtype == torch.float32
 
 
 class Linear(nn.Module):

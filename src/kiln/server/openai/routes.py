@@ -8,11 +8,9 @@ an unsupported parameter).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-
 from fastapi import APIRouter, Request, Response
 
-from kiln.server.errors import ClientDisconnectedError
+from kiln.server.errors import OpenAIRoute
 from kiln.server.openai import handlers
 from kiln.server.openai.schemas import (
     ChatCompletionChunk,
@@ -26,9 +24,9 @@ from kiln.server.openai.schemas import (
     OpenAIErrorResponse,
 )
 from kiln.server.sse import event_stream_response
-from kiln.server.state import State
+from kiln.server.state import ServingDep
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 
 # NOTE: "4XX" rather than 400: every client error here has this shape, and it keeps FastAPI
 # from documenting its own 422, which these routes never answer (errors.py makes it a 400).
@@ -50,29 +48,14 @@ def _with_stream(chunk: type[ChatCompletionChunk | CompletionChunk]) -> dict:
     return {**_ERRORS, 200: sse}
 
 
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
-
-
-async def _answer(request: Request, handling: Awaitable[Response]) -> Response:
-    try:
-        return await handling
-    except handlers.OpenAIError as e:
-        return e.response(request)
-    except ClientDisconnectedError:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it
-
-
 @router.get("/models", response_model=ModelList)
-async def list_models(state: State) -> ModelList:
-    return handlers.list_models(state)
+async def list_models(serving: ServingDep) -> ModelList:
+    return handlers.list_models(serving)
 
 
 @router.get("/models/{model:path}", response_model=ModelCard, responses=_ERRORS)
-async def retrieve_model(model: str, state: State, request: Request) -> Response | ModelCard:
-    try:
-        return handlers.retrieve_model(state, model)
-    except handlers.OpenAIError as e:
-        return e.response(request)
+async def retrieve_model(model: str, serving: ServingDep) -> ModelCard:
+    return handlers.retrieve_model(serving, model)
 
 
 @router.post(
@@ -80,14 +63,16 @@ async def retrieve_model(model: str, state: State, request: Request) -> Response
     response_model=ChatCompletionResponse,
     responses=_with_stream(ChatCompletionChunk),
 )
-async def chat_completions(body: ChatCompletionRequest, state: State, request: Request) -> Response:
+async def chat_completions(
+    body: ChatCompletionRequest, serving: ServingDep, request: Request
+) -> Response:
     """Chat; ``stream: true`` answers ``chat.completion.chunk`` server-sent events."""
-    return await _answer(request, handlers.chat_completion(state, body, request))
+    return await handlers.chat_completion(serving, body, request)
 
 
 @router.post(
     "/completions", response_model=CompletionResponse, responses=_with_stream(CompletionChunk)
 )
-async def completions(body: CompletionRequest, state: State, request: Request) -> Response:
+async def completions(body: CompletionRequest, serving: ServingDep, request: Request) -> Response:
     """Text completion; ``stream: true`` answers ``text_completion`` server-sent events."""
-    return await _answer(request, handlers.completion(state, body, request))
+    return await handlers.completion(serving, body, request)

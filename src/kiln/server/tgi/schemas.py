@@ -1,20 +1,48 @@
 """Text Generation Inference's wire schemas (its OpenAPI ``components/schemas``).
 
 Requests are parsed strictly (no ``"0.5"`` for a number, no ``1`` for a boolean), as TGI's serde
-does; unknown fields are ignored, as serde does. Range checks live in the handlers, so they can
-answer with TGI's own messages. Responses skip the fields TGI skips when empty
-(``top_tokens``, ``best_of_sequences``, ``details`` of ``/generate``).
+does; unknown fields are ignored, as serde does. Range checks live in the handlers
+(``validation.py``), so they can answer with TGI's own messages; the OpenAPI schema documents
+them (each request model's ``_limits``), as TGI's own does, without checking them a second time.
+Responses skip the fields TGI skips when empty (``top_tokens``, ``best_of_sequences``,
+``details`` of ``/generate``).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+# NOTE: validation.py's limits, repeated here as it imports this module; the schema contract
+# test checks they agree.
+_MAX_BEST_OF = 1
+_MAX_STOP_SEQUENCES = 4
+_MAX_TOP_N_TOKENS = 5
+_MAX_SEED = 2**64 - 1
+_ONLY_NULL = {"type": "null", "description": "Not supported: only null."}
+
+
+def _document_limits(schema: dict[str, Any], cls: type[Any]) -> None:
+    """Adds ``cls._limits`` (JSON Schema keywords per field) to the non-null branch of each
+    field's schema (``_ONLY_NULL`` replaces it): what ``validation.py`` accepts, documented
+    without being checked here."""
+    for name, keywords in cls._limits.items():
+        field = schema["properties"][name]
+        if keywords is _ONLY_NULL:
+            field.pop("anyOf", None)
+            field.update(keywords)
+            continue
+        for option in field.get("anyOf", [field]):
+            if option.get("type") != "null":
+                option.update(copy.deepcopy(keywords))
+
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra=_document_limits)
+
+    _limits: ClassVar[dict[str, dict[str, Any]]] = {}
 
 
 class GenerateParameters(_Request):
@@ -59,11 +87,50 @@ class GenerateParameters(_Request):
     watermark: bool = False
     """Not supported: true is an error."""
 
+    # Only `truncate`'s upper bound (the server's max_input_tokens) and those depending on the
+    # prompt or the route (`max_new_tokens` + prompt tokens, `decoder_input_details` when
+    # streaming) are left unsaid.
+    _limits: ClassVar[dict[str, dict[str, Any]]] = {
+        "adapter_id": _ONLY_NULL,
+        "best_of": {"minimum": _MAX_BEST_OF, "maximum": _MAX_BEST_OF},
+        "frequency_penalty": {"minimum": -2.0, "maximum": 2.0},
+        "grammar": _ONLY_NULL,
+        "max_new_tokens": {"minimum": 1},
+        "repetition_penalty": {"exclusiveMinimum": 0.0},
+        "seed": {"minimum": 0, "maximum": _MAX_SEED},
+        "stop": {"maxItems": _MAX_STOP_SEQUENCES},
+        "temperature": {"exclusiveMinimum": 0.0},
+        "top_k": {"minimum": 1},
+        "top_n_tokens": {"minimum": 0, "maximum": _MAX_TOP_N_TOKENS},
+        "top_p": {"exclusiveMinimum": 0.0, "exclusiveMaximum": 1.0},
+        "truncate": {"minimum": 1},
+        "typical_p": {"exclusiveMinimum": 0.0, "exclusiveMaximum": 1.0},
+        "watermark": {"const": False, "description": "Not supported: only false."},
+    }
+
 
 class GenerateRequest(_Request):
     inputs: str
     parameters: GenerateParameters | None = None
     """Absent or null: TGI's defaults for a request without parameters (sampling on)."""
+
+    _limits: ClassVar[dict[str, dict[str, Any]]] = {"inputs": {"minLength": 1}}
+
+
+class TokenizeParameters(GenerateParameters):
+    """``parameters`` as ``POST /tokenize`` reads them: only ``truncate`` (the others are
+    parsed, as TGI does, but not checked)."""
+
+    _limits: ClassVar[dict[str, dict[str, Any]]] = {"truncate": {"minimum": 1}}
+
+
+class TokenizeRequest(GenerateRequest):
+    """``POST /tokenize``'s body: a ``GenerateRequest`` whose schema documents what tokenizing
+    checks (``inputs`` may be empty, only ``truncate`` is range-checked)."""
+
+    parameters: TokenizeParameters | None = None
+
+    _limits: ClassVar[dict[str, dict[str, Any]]] = {}
 
 
 class CompatGenerateRequest(GenerateRequest):
@@ -172,3 +239,7 @@ class Info(_Response):
     version: str
     sha: str | None
     docker_label: str | None
+    sampling_defaults: dict[str, float | int] = Field(default_factory=dict)
+    """kiln's addition: the sampling values the model's ``generation_config.json`` sets, used
+    for the fields a request leaves out (``max_new_tokens`` always; the warpers when it
+    samples)."""

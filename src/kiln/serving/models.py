@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
+import enum
 import json
 import logging
 import threading
@@ -40,22 +40,38 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from kiln.config import ConfigError
-from kiln.engine.async_engine import AsyncEngine, EngineDeadError
-from kiln.errors import KilnError
+from kiln.errors import ConfigError, ConflictError, KilnError, NotFoundError, UnavailableError
 from kiln.llm import LLM
+from kiln.serving.served_model import ServedModel
 
 logger = logging.getLogger(__name__)
 
-AVAILABLE = "available"
-"""Loaded, active and serving new requests."""
-LOADING = "loading"
-UNLOADING = "unloading"
-"""No longer active: finishing the requests it was serving, then freed."""
-UNLOADED = "unloaded"
-FAILED = "failed"
-"""The last load failed (``reason`` says why); activating it again retries."""
-STATUSES = (AVAILABLE, LOADING, UNLOADING, UNLOADED, FAILED)
+
+class ModelStatus(str, enum.Enum):
+    """Where a registered model stands (what ``GET /admin/models`` reports)."""
+
+    AVAILABLE = "available"
+    """Loaded, active and serving new requests."""
+    LOADING = "loading"
+    UNLOADING = "unloading"
+    """No longer active: finishing the requests it was serving, then freed."""
+    UNLOADED = "unloaded"
+    FAILED = "failed"
+    """The last load failed (``reason`` says why); activating it again retries."""
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """One registered model as clients see it."""
+
+    name: str
+    model: str | None
+    """Where it loads from (path or hub id); None for kiln's default model."""
+    status: ModelStatus
+    reason: str | None
+    """Why the last load failed (``failed`` only)."""
+    active: bool
+
 
 SWITCH_RETRY_AFTER_SECONDS = 5
 """``Retry-After`` of a request refused because no model is ready."""
@@ -76,22 +92,22 @@ LOAD_OPTIONS = frozenset(
 """The :class:`~kiln.llm.LLM` arguments a model's spec may set."""
 
 
-class ModelUnavailableError(EngineDeadError):
+class ModelUnavailableError(UnavailableError):
     """No model can serve the request: a switch took longer than ``switch_wait_seconds``, or no
-    model is loaded (HTTP 503 with ``Retry-After``).
-
-    NOTE: an :class:`EngineDeadError`, so that every path that answers a stopped engine (503,
-    metrics' ``unavailable``) answers this one too.
-    """
+    model is loaded (HTTP 503 with ``Retry-After``)."""
 
     retry_after = SWITCH_RETRY_AFTER_SECONDS
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(NotFoundError):
     """No model of that name is registered (HTTP 404)."""
 
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no model named {name!r}")
+        self.name = name
 
-class SwitchInProgressError(RuntimeError):
+
+class SwitchInProgressError(ConflictError):
     """A switch to another model is under way (HTTP 409)."""
 
 
@@ -173,45 +189,6 @@ def read_models_config(path: str | Path, **defaults: Any) -> tuple[list[ModelSpe
     return specs, None if default is None else str(default)
 
 
-class LoadedModel:
-    """A loaded model with its engine, and how many requests are pinned to it."""
-
-    def __init__(self, name: str, llm: LLM) -> None:
-        self.name = name
-        self.llm = llm
-        self.engine = AsyncEngine(llm.engine)
-        self.num_requests = 0
-        self._idle: asyncio.Event | None = None
-
-    def pin(self) -> None:
-        self.num_requests += 1
-
-    def unpin(self) -> None:
-        self.num_requests -= 1
-        if self.num_requests == 0 and self._idle is not None:
-            self._idle.set()
-
-    async def drained(self) -> None:
-        """Return once no request is pinned to this model (none can be pinned any more)."""
-        if self.num_requests:
-            self._idle = asyncio.Event()
-            await self._idle.wait()
-
-    def unload(self) -> None:
-        """Stop the engine and drop the model, so that its memory can be freed (blocks while
-        the engine thread ends; unusable after)."""
-        self.engine.stop()
-        device = self.llm.device
-        # NOTE: deleted rather than kept: whatever still holds this object (a finished request's
-        # pinned state) must not keep the weights and the KV cache alive.
-        del self.llm, self.engine
-        gc.collect()
-        if device.type == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
-
-
 @dataclass
 class _Switch:
     target: str
@@ -255,8 +232,8 @@ class ModelManager:
         """Switches completed (the next model active)."""
         self.num_failed_loads = 0
         self._loader = loader or ModelSpec.load
-        self._active: LoadedModel | None = None
-        self._draining: list[LoadedModel] = []
+        self._active: ServedModel | None = None
+        self._draining: list[ServedModel] = []
         self._failures: dict[str, str] = {}
         self._switch: _Switch | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # switches, and drains after them
@@ -282,7 +259,7 @@ class ModelManager:
         self._spec(name)
         if self._active is not None:
             raise ConfigError(f"model {self._active.name!r} is active already")
-        self._active = LoadedModel(name, llm)
+        self._active = ServedModel(name, llm)
         if self._started:
             self._active.engine.start()
 
@@ -307,10 +284,10 @@ class ModelManager:
     # --- what clients see -----------------------------------------------------------------
 
     @property
-    def active(self) -> LoadedModel | None:
+    def active(self) -> ServedModel | None:
         return self._active
 
-    def current(self) -> LoadedModel:
+    def current(self) -> ServedModel:
         """The active model; :class:`ModelUnavailableError` when there is none."""
         if self._active is None:
             raise ModelUnavailableError(self._unavailable_reason())
@@ -320,35 +297,29 @@ class ModelManager:
     def switching_to(self) -> str | None:
         return self._switch.target if self._switch is not None else None
 
-    def status(self, name: str) -> dict[str, Any]:
-        """``{name, model, status, reason, active}``; :class:`UnknownModelError` if unknown."""
+    def status(self, name: str) -> ModelReport:
+        """Its status; :class:`UnknownModelError` if unknown."""
         spec = self._spec(name)
         active = self._active is not None and self._active.name == name
         reason = None
         if self.switching_to == name:
-            status = LOADING
+            status = ModelStatus.LOADING
         elif active:
-            status = AVAILABLE
+            status = ModelStatus.AVAILABLE
         elif any(m.name == name for m in self._draining):
-            status = UNLOADING
+            status = ModelStatus.UNLOADING
         elif name in self._failures:
-            status, reason = FAILED, self._failures[name]
+            status, reason = ModelStatus.FAILED, self._failures[name]
         else:
-            status = UNLOADED
-        return {
-            "name": name,
-            "model": spec.model,
-            "status": status,
-            "reason": reason,
-            "active": active,
-        }
+            status = ModelStatus.UNLOADED
+        return ModelReport(name, spec.model, status, reason, active)
 
-    def statuses(self) -> list[dict[str, Any]]:
+    def statuses(self) -> list[ModelReport]:
         return [self.status(name) for name in self.specs]
 
     # --- requests -------------------------------------------------------------------------
 
-    async def acquire(self) -> LoadedModel:
+    async def acquire(self) -> ServedModel:
         """Pin the active model for a request (waiting out a switch, up to
         ``switch_wait_seconds``); give it back with :meth:`release`."""
         deadline = time.monotonic() + self.switch_wait_seconds
@@ -367,7 +338,7 @@ class ModelManager:
         model.pin()
         return model
 
-    def release(self, model: LoadedModel) -> None:
+    def release(self, model: ServedModel) -> None:
         model.unpin()
 
     # --- switching ------------------------------------------------------------------------
@@ -384,7 +355,7 @@ class ModelManager:
                 return False
             raise SwitchInProgressError(
                 f"a switch to model {self._switch.target!r} is under way; retry when it is "
-                f"{AVAILABLE} or {FAILED}"
+                f"{ModelStatus.AVAILABLE.value} or {ModelStatus.FAILED.value}"
             )
         if self._active is not None and self._active.name == name:
             return False
@@ -399,7 +370,7 @@ class ModelManager:
         previous = self._active
         unload_first = self.unload_first
         if unload_first is None:
-            unload_first = previous is not None and previous.llm.device.type == "cuda"
+            unload_first = previous is not None and previous.device.type == "cuda"
         requested = switch.target
         try:
             if previous is not None and unload_first:
@@ -425,13 +396,13 @@ class ModelManager:
                 self._switch = None
             switch.done.set()
 
-    async def _load(self, name: str) -> LoadedModel | None:
+    async def _load(self, name: str) -> ServedModel | None:
         spec = self.specs[name]
         started = time.monotonic()
         logger.info("loading model %s (%s)", name, spec.model or "default")
         try:
             llm = await _on_thread(lambda: self._loader(spec), f"kiln-load-{name}")
-            loaded = LoadedModel(name, llm)
+            loaded = ServedModel(name, llm)
             if self._started:
                 loaded.engine.start()
         except Exception as e:
@@ -446,7 +417,7 @@ class ModelManager:
         logger.info("model %s loaded in %.1f s", name, time.monotonic() - started)
         return loaded
 
-    async def _unload(self, model: LoadedModel) -> None:
+    async def _unload(self, model: ServedModel) -> None:
         """Let ``model``'s pinned requests finish, then stop its engine and free its memory."""
         if self._active is model:
             self._active = None

@@ -1,6 +1,6 @@
 """Prometheus metrics: TGI's names (so TGI dashboards work) plus kiln's engine gauges.
 
-Handlers call :meth:`ServerMetrics.record_request` once per finished request; the engine's own
+:class:`~kiln.serving.generation.Generation` records each request once, as it ends; the engine's own
 counters and histograms (TTFT, time per output token, KV usage, prefix-cache hits) are read
 from the active model's engine at scrape time (so they start again from zero after a model
 switch, as counters of a restarted process do). Model switching adds ``kiln_model_switches``,
@@ -12,18 +12,14 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from kiln.engine.metrics import LATENCY_BUCKETS, TOKENS_BUCKETS, TPOT_BUCKETS, Histogram
-from kiln.server.models import STATUSES
-
-if TYPE_CHECKING:
-    from kiln.server.state import ServerState
+from kiln.serving.models import ModelManager, ModelStatus
 
 
 @dataclass
-class ServerMetrics:
-    """Request-level metrics, updated by handlers (thread-safe)."""
+class RequestMetrics:
+    """Request-level metrics, each request recorded once as it ends (thread-safe)."""
 
     request_count: int = 0
     request_success: int = 0
@@ -68,8 +64,7 @@ def _scalar(lines: list[str], name: str, kind: str, help_text: str, value: float
     lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
 
 
-def _models(lines: list[str], state: ServerState) -> None:
-    models = state.models
+def _models(lines: list[str], models: ModelManager) -> None:
     _scalar(
         lines, "kiln_model_switches", "counter", "Model switches completed", models.num_switches
     )
@@ -80,19 +75,20 @@ def _models(lines: list[str], state: ServerState) -> None:
         "# HELP kiln_model_status 1 for the status each model is in (available, loading...)",
         "# TYPE kiln_model_status gauge",
     ]
-    for s in models.statuses():
-        name = _label(s["name"])
-        for status in STATUSES:
-            value = int(s["status"] == status)
-            lines.append(f'kiln_model_status{{model="{name}",status="{status}"}} {value}')
+    for report in models.statuses():
+        name = _label(report.name)
+        for status in ModelStatus:
+            value = int(report.status is status)
+            lines.append(f'kiln_model_status{{model="{name}",status="{status.value}"}} {value}')
 
 
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_prometheus(state: ServerState) -> str:
-    m: ServerMetrics = state.metrics
+def render_prometheus(m: RequestMetrics, models: ModelManager, in_flight: int) -> str:
+    """The Prometheus text exposition of ``m``, the models' statuses and the active model's
+    engine."""
     lines: list[str] = []
     _scalar(lines, "tgi_request_count", "counter", "Requests received", m.request_count)
     _scalar(lines, "tgi_request_success", "counter", "Requests that succeeded", m.request_success)
@@ -114,9 +110,9 @@ def render_prometheus(state: ServerState) -> str:
     _histogram(
         lines, "tgi_request_generated_tokens", "Generated tokens", m.request_generated_tokens
     )
-    _scalar(lines, "kiln_requests_in_flight", "gauge", "Requests admitted", state.in_flight)
-    _models(lines, state)
-    active = state.models.active
+    _scalar(lines, "kiln_requests_in_flight", "gauge", "Requests admitted", in_flight)
+    _models(lines, models)
+    active = models.active
     if active is None:  # between an unload and a load: no engine to report on
         return "\n".join(lines) + "\n"
     stats = active.engine.stats()

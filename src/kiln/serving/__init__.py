@@ -1,0 +1,1 @@
+"""The serving layer: one request lifecycle under every API (no HTTP in it)."""

@@ -1,0 +1,95 @@
+"""ServedModel: what the serving layer needs of one loaded model, and nothing more.
+
+The front ends (TGI, OpenAI, the web app) talk to this narrow view: an async engine to submit
+requests to, the tokenizer and chat template to build prompts with, and the limits that decide
+what fits. They never reach into :class:`~kiln.llm.LLM` or the engine's internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kiln.config import ModelConfig
+from kiln.engine.async_engine import AsyncEngine
+from kiln.llm import LLM
+from kiln.serving.defaults import sampling_defaults
+from kiln.text.chat_template import ChatTemplate
+from kiln.text.history import render_prompt
+from kiln.text.tokenizer import Tokenizer
+
+Message = dict[str, Any]
+
+
+class ServedModel:
+    """A loaded model with its engine, and how many requests are pinned to it."""
+
+    def __init__(self, name: str, llm: LLM) -> None:
+        self.name = name
+        self.source = llm.model_name
+        """Where it was loaded from (path, hub id or kiln's default model's name)."""
+        self.engine = AsyncEngine(llm.engine)
+        self.tokenizer: Tokenizer = llm.tokenizer
+        self.config: ModelConfig = llm.config
+        self.device: torch.device = llm.device
+        self.dtype: torch.dtype = llm.dtype
+        self.max_model_len: int = llm.max_model_len
+        self.max_cache_tokens: int = llm.engine.max_cache_tokens
+        """The most tokens (prompt + output) the whole KV cache holds for one request."""
+        self.generation_defaults: dict[str, Any] = sampling_defaults(
+            llm.checkpoint.generation_config
+        )
+        """Sampling defaults from the checkpoint's ``generation_config.json``."""
+        self._llm: LLM | None = llm
+        self.num_requests = 0
+        self._idle: asyncio.Event | None = None
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The model's chat template (``KilnError`` when the checkpoint has none)."""
+        assert self._llm is not None, "the model was unloaded"
+        return self._llm.chat_template
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def render_chat(self, messages: Sequence[Message], max_input_tokens: int) -> list[int]:
+        """The conversation rendered with the chat template and tokenized, its oldest
+        exchanges dropped until it fits ``max_input_tokens`` (``ContextLengthError`` if even
+        the last one alone does not). Blocking: call it off the event loop."""
+        _, token_ids, _ = render_prompt(
+            self.chat_template, self.tokenizer, messages, max_input_tokens
+        )
+        return token_ids
+
+    # --- requests pinned to it ------------------------------------------------------------
+
+    def pin(self) -> None:
+        self.num_requests += 1
+
+    def unpin(self) -> None:
+        self.num_requests -= 1
+        if self.num_requests == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def drained(self) -> None:
+        """Return once no request is pinned to this model (none can be pinned any more)."""
+        if self.num_requests:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    def unload(self) -> None:
+        """Stop the engine and drop the model, so that its memory can be freed (blocks while
+        the engine thread ends; unusable after)."""
+        self.engine.stop()
+        # NOTE: deleted rather than kept: whatever still holds this object (a finished
+        # request's pinned model) must not keep the weights and the KV cache alive.
+        self._llm = None
+        del self.engine
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
