@@ -31,3 +31,13 @@ def stories_with_extra_eos(stories_dir: Path, dest: Path, llm: LLM) -> Path:
     gen_config["eos_token_id"] = [2, eos_id]
     (dest / "generation_config.json").write_text(json.dumps(gen_config))
     return dest
+
+
+def stories_with_sampling_defaults(stories_dir: Path, dest: Path, defaults: dict) -> Path:
+    """A copy of stories260K whose ``generation_config.json`` also sets ``defaults`` (sampling
+    fields such as ``temperature`` or ``repetition_penalty``), as tuned checkpoints do."""
+    for f in stories_dir.iterdir():
+        shutil.copy(f, dest / f.name)
+    config = json.loads((stories_dir / "generation_config.json").read_text())
+    (dest / "generation_config.json").write_text(json.dumps({**config, **defaults}))
+    return dest

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from kiln import LLM, SamplingParams
 from kiln.config.server import ServerConfig
 from kiln.server.openai.schemas import MAX_CHOICES
 from kiln.server.tgi import validation
+from model_copies import stories_with_sampling_defaults
 from server_harness import running_server
 
 STORY = "Once upon a time, there was a little girl named Lily. She loved to"
@@ -262,11 +262,7 @@ GENERATION_DEFAULTS = {"repetition_penalty": 1.8, "min_p": 0.05}
 def tuned_dir(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """stories260K whose generation_config.json sets sampling defaults."""
     dest = tmp_path_factory.mktemp("stories_tuned")
-    for f in stories_dir.iterdir():
-        shutil.copy(f, dest / f.name)
-    config = json.loads((stories_dir / "generation_config.json").read_text())
-    (dest / "generation_config.json").write_text(json.dumps({**config, **GENERATION_DEFAULTS}))
-    return dest
+    return stories_with_sampling_defaults(stories_dir, dest, GENERATION_DEFAULTS)
 
 
 def test_null_means_the_checkpoints_default_as_absent_does(tuned_dir: Path) -> None:

@@ -5,8 +5,6 @@ the event loop, and the defects found by trying kiln as a new user would."""
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +13,11 @@ import httpx
 import openai
 import pytest
 
+from engine_faults import fail_steps_after
 from kiln import LLM, SamplingParams
 from kiln.config.server import ServerConfig
 from kiln.serving.served_model import ServedModel
+from model_copies import stories_with_sampling_defaults
 from server_harness import running_server
 
 PROMPT = "Lily and Max went to the park."
@@ -34,13 +34,9 @@ GENERATION_DEFAULTS = {
 
 @pytest.fixture(scope="module")
 def tuned_dir(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """stories260K whose generation_config.json asks for sampling defaults."""
+    """stories260K whose generation_config.json sets sampling defaults."""
     dest = tmp_path_factory.mktemp("stories_tuned")
-    for f in stories_dir.iterdir():
-        shutil.copy(f, dest / f.name)
-    config = json.loads((stories_dir / "generation_config.json").read_text())
-    (dest / "generation_config.json").write_text(json.dumps({**config, **GENERATION_DEFAULTS}))
-    return dest
+    return stories_with_sampling_defaults(stories_dir, dest, GENERATION_DEFAULTS)
 
 
 @pytest.fixture(scope="module")
@@ -171,25 +167,11 @@ def test_completions_refuse_a_response_format_they_cannot_honour(http: httpx.Cli
     assert http.post("/v1/completions", json=text).status_code == 200
 
 
-def _fail_steps(llm: LLM, monkeypatch: pytest.MonkeyPatch, num_ok: int) -> None:
-    step = llm.engine.step
-    calls = 0
-
-    def failing_step() -> Any:
-        nonlocal calls
-        calls += 1
-        if calls > num_ok:
-            raise RuntimeError("boom")
-        return step()
-
-    monkeypatch.setattr(llm.engine, "step", failing_step)
-
-
 def test_an_engine_failure_on_openai_routes_is_a_typed_error(
     url: str, tuned_llm: LLM, monkeypatch: pytest.MonkeyPatch
 ):
     client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
-    _fail_steps(tuned_llm, monkeypatch, 2)
+    fail_steps_after(tuned_llm, monkeypatch, 2)
     with pytest.raises(openai.InternalServerError) as e:
         client.completions.create(model="tuned", prompt=PROMPT, max_tokens=20)
     assert e.value.status_code == 500
@@ -199,7 +181,7 @@ def test_an_engine_failure_on_openai_routes_is_a_typed_error(
     assert error["message"] == "Request failed during generation: boom"
 
     monkeypatch.undo()
-    _fail_steps(tuned_llm, monkeypatch, 3)
+    fail_steps_after(tuned_llm, monkeypatch, 3)
     stream = client.completions.create(model="tuned", prompt=PROMPT, max_tokens=20, stream=True)
     with pytest.raises(openai.APIError, match="boom"):
         list(stream)

@@ -21,6 +21,7 @@ import pytest
 from huggingface_hub import InferenceClient
 from huggingface_hub import errors as hub_errors
 
+from engine_faults import fail_steps_after
 from kiln import LLM, SamplingParams
 from kiln.config.server import ServerConfig
 from kiln.engine.outputs import CompletionOutput
@@ -674,27 +675,11 @@ def test_client_disconnect_during_generate_aborts_the_request(guarded: httpx.Cli
     _assert_aborted(guarded, generated, cancelled)
 
 
-def _fail_steps_after(llm: LLM, monkeypatch: pytest.MonkeyPatch, num_ok: int) -> None:
-    """Make the served engine's step fail after ``num_ok`` good ones (the engine loop survives
-    a failed step: it fails the requests in flight and goes on)."""
-    step = llm.engine.step
-    calls = 0
-
-    def failing_step() -> Any:
-        nonlocal calls
-        calls += 1
-        if calls > num_ok:
-            raise RuntimeError("boom")
-        return step()
-
-    monkeypatch.setattr(llm.engine, "step", failing_step)
-
-
 def test_an_engine_failure_mid_stream_is_an_error_event(
     guarded: httpx.Client, guarded_llm: LLM, monkeypatch: pytest.MonkeyPatch
 ):
     failures = _metric(guarded, 'tgi_request_failure{err="generation"}')
-    _fail_steps_after(guarded_llm, monkeypatch, 3)
+    fail_steps_after(guarded_llm, monkeypatch, 3)
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 20, "details": True}}
 
     response = guarded.post("/generate_stream", json=body)
@@ -708,7 +693,7 @@ def test_an_engine_failure_mid_stream_is_an_error_event(
     }
     # huggingface_hub raises TGI's error types from such an event.
     hub = InferenceClient(base_url=str(guarded.base_url), api_key=API_KEY, timeout=TIMEOUT_S)
-    _fail_steps_after(guarded_llm, monkeypatch, 1)
+    fail_steps_after(guarded_llm, monkeypatch, 1)
     with pytest.raises(hub_errors.GenerationError, match="boom"):
         list(hub.text_generation(PROMPT, max_new_tokens=20, stream=True))
     assert _metric(guarded, 'tgi_request_failure{err="generation"}') == failures + 2
@@ -718,7 +703,7 @@ def test_an_engine_failure_mid_stream_is_an_error_event(
 def test_an_engine_failure_during_generate_answers_424(
     guarded: httpx.Client, guarded_llm: LLM, monkeypatch: pytest.MonkeyPatch
 ):
-    _fail_steps_after(guarded_llm, monkeypatch, 2)
+    fail_steps_after(guarded_llm, monkeypatch, 2)
 
     response = guarded.post("/generate", json={"inputs": PROMPT})
 
