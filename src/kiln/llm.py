@@ -7,20 +7,14 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import torch
-
-from kiln.config import CacheConfig, ConfigError, ModelConfig, SchedulerConfig
-from kiln.engine.engine import Engine
-from kiln.engine.kv_cache import allocate_kv_cache, num_kv_blocks
+from kiln.config.engine_args import EngineArgs
+from kiln.engine.builder import LoadedEngine, build_engine
 from kiln.engine.outputs import CompletionOutput, RequestOutput
-from kiln.engine.runner import ModelRunner
 from kiln.errors import InvalidRequestError
-from kiln.models.loader import build_model, resolve_dtype
+from kiln.models.base import CausalLM
 from kiln.sampling import SamplingParams
-from kiln.text.chat_template import ChatTemplate, load_chat_template
+from kiln.text.chat_template import ChatTemplate
 from kiln.text.history import render_prompt
-from kiln.text.tokenizer import Tokenizer
-from kiln.weights.resolve import resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +22,8 @@ Message = dict[str, Any]
 
 
 class LLM:
-    """A loaded model with its tokenizer, chat template and a generation engine.
+    """A loaded model with its tokenizer, chat template and a generation engine: the thin
+    synchronous facade over :func:`~kiln.engine.builder.build_engine` and the engine.
 
     Args:
         model: local directory, ``.gguf`` file, hub id, or None for kiln's default model
@@ -62,60 +57,48 @@ class LLM:
         enable_prefix_caching: bool = True,
         progress: bool = False,
     ) -> None:
-        self.device = _resolve_device(device)
-        if max_model_len is not None and max_model_len < 2:
-            raise ConfigError(f"max_model_len must be >= 2, got {max_model_len}")
-        self.checkpoint = resolve_checkpoint(model)
-        self.model_name = self.checkpoint.name
-        self.config = ModelConfig.from_hf(self.checkpoint.config, self.checkpoint.generation_config)
-        self.dtype = resolve_dtype(dtype, self.config, self.device)
-        self.max_model_len = min(
-            max_model_len or self.config.max_position_embeddings,
-            self.config.max_position_embeddings,
-        )
-        self.tokenizer = Tokenizer(self.checkpoint.tokenizer, self.checkpoint.tokenizer_config)
-        self._chat_template_override = chat_template
-        self._chat_template: ChatTemplate | None = None
-        self.model = build_model(
-            self.checkpoint,
-            self.config,
-            self.dtype,
-            self.device,
-            max_positions=self.max_model_len,
-            progress=progress,
-        )
-        cache_config = CacheConfig(
-            block_size=block_size,
+        args = EngineArgs(
+            model=model,
+            dtype=dtype,
+            device=device,
+            max_model_len=max_model_len,
+            chat_template=chat_template,
             kv_cache_memory=kv_cache_memory,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
             enable_prefix_caching=enable_prefix_caching,
         )
-        num_blocks = num_kv_blocks(self.config, cache_config, self.dtype, self.device)
-        kv_caches = allocate_kv_cache(self.config, num_blocks, block_size, self.dtype, self.device)
-        eos_token_ids = frozenset(self.config.eos_token_ids) | (
-            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        )
-        runner = ModelRunner(self.model, kv_caches, block_size, self.device, eos_token_ids)
-        self.engine = Engine(
-            runner,
-            self.tokenizer,
-            SchedulerConfig(
-                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
-            ),
-            num_blocks,
-            self.max_model_len,
-            eos_token_ids,
-            enable_prefix_caching=enable_prefix_caching,
-        )
+        self._adopt(build_engine(args, progress=progress))
+
+    @classmethod
+    def from_args(cls, args: EngineArgs, *, progress: bool = False) -> LLM:
+        """An LLM built from :class:`EngineArgs` (what the CLI and the server hold)."""
+        llm = cls.__new__(cls)
+        llm._adopt(build_engine(args, progress=progress))
+        return llm
+
+    def _adopt(self, loaded: LoadedEngine) -> None:
+        self.loaded = loaded
+        """The engine and what was loaded with it (checkpoint, tokenizer, limits)."""
+        self.engine = loaded.engine
+        self.checkpoint = loaded.checkpoint
+        self.model_name = loaded.name
+        self.config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.max_model_len = loaded.max_model_len
         self._request_counter = itertools.count()
+
+    @property
+    def model(self) -> CausalLM:
+        return self.engine.runner.model
 
     @property
     def chat_template(self) -> ChatTemplate:
         """Loaded on first use, so plain-completion users of a template-less model never fail."""
-        if self._chat_template is None:
-            self._chat_template = load_chat_template(
-                self.checkpoint.tokenizer_config, self._chat_template_override
-            )
-        return self._chat_template
+        return self.loaded.chat_template
 
     def generate(
         self,
@@ -226,20 +209,6 @@ class LLM:
             for request_id in order:
                 self.engine.abort(request_id)
         return [results[r] for r in order]
-
-
-def _resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"unknown device {device!r}: use cpu or cuda[:N]") from e
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("CUDA is not available here (no GPU visible, or a CPU build of torch)")
-    if resolved.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r} is not supported: use cpu or cuda[:N]")
-    return resolved
 
 
 def _broadcast(

@@ -271,7 +271,7 @@ def test_errors_before_the_first_output(async_engine: AsyncEngine, reference: LL
 def test_back_pressure_bounded_queue(eos_dir: Path) -> None:
     llm = _llm(eos_dir)
     engine = Engine(
-        llm.engine.runner,
+        llm.engine.executor,
         llm.tokenizer,
         SchedulerConfig(max_num_seqs=1, max_waiting_requests=2),
         llm.engine.kv_cache.num_blocks,

@@ -17,8 +17,9 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.utils import GenerationMixin
 
-from kiln.sampling import Sampler, SamplingParams, SamplingRow, make_generator
+from kiln.sampling import PenaltyState, Sampler, SamplingParams, SamplingRow, make_generator
 from kiln.sampling import processors as P
+from kiln.sampling.penalties import NEUTRAL_SLOT
 
 VOCAB = 64
 EOS = 2
@@ -444,3 +445,76 @@ def test_processors_leave_neutral_rows_exactly_unchanged() -> None:
         logits, torch.tensor([0, 0]), torch.tensor([1.0, 1.0], dtype=torch.float64)
     )
     assert torch.equal(unchanged, logits)
+
+
+# --- incremental penalty statistics (what the engine's runner keeps per request) ---
+
+
+def test_penalty_state_is_bit_identical_to_counting_the_tokens_every_step() -> None:
+    """Rows whose statistics live in a PenaltyState, updated one token per step, give exactly
+    the logits and tokens of rows recounted from their whole token lists, through slot reuse
+    and growth, and with rows that use no penalty (the neutral slot) mixed in."""
+    cases = [
+        SamplingParams.greedy_params(repetition_penalty=1.3),
+        SamplingParams(seed=1, frequency_penalty=0.5, presence_penalty=0.3, top_k=20),
+        SamplingParams(seed=2, repetition_penalty=0.8, frequency_penalty=-0.4, min_new_tokens=5),
+        SamplingParams.greedy_params(),
+        SamplingParams.greedy_params(min_new_tokens=3, stop_token_ids=[7]),
+        SamplingParams(seed=3, top_p=0.8, presence_penalty=1.5),
+    ]
+    g = torch.Generator().manual_seed(0)
+    state = PenaltyState(VOCAB)
+    sampler = Sampler([EOS])
+
+    def new_request(params: SamplingParams) -> dict:
+        prompt = torch.randint(
+            0, VOCAB, (int(torch.randint(0, 12, (1,), generator=g)),), generator=g
+        )
+        prompt_ids = prompt.tolist()
+        return {
+            "params": params,
+            "prompt": prompt_ids,
+            "output": [],
+            "slot": state.add(params, prompt_ids, []),
+            "generators": (make_generator(params.seed), make_generator(params.seed)),
+        }
+
+    requests = [new_request(p) for p in cases]
+    assert [r["slot"] == NEUTRAL_SLOT for r in requests] == [False, False, False, True, True, False]
+    for step in range(60):
+        if step in (20, 40):  # one request ends, another takes its slot (zeroed on release)
+            state.release(requests[0]["slot"])
+            requests[0] = new_request(cases[(step // 20) % len(cases)])
+        logits = random_logits(len(requests), seed=300 + step)
+        logits[:, EOS] = 5.0  # likely, so min_new_tokens blocking matters
+        counted = [
+            SamplingRow(r["params"], r["prompt"], r["output"], r["generators"][0]) for r in requests
+        ]
+        kept = [
+            SamplingRow(r["params"], r["prompt"], r["output"], r["generators"][1], r["slot"])
+            for r in requests
+        ]
+        assert torch.equal(
+            sampler.process_logits(logits, counted), sampler.process_logits(logits, kept, state)
+        )
+        tokens = sampler(logits, counted).token_ids
+        assert sampler(logits, kept, state).token_ids == tokens
+        for r, token in zip(requests, tokens, strict=True):
+            r["output"].append(token)
+        state.append([r["slot"] for r in requests], tokens)
+    assert state.num_used_slots == 4 and state.num_slots == 8  # grew 1 -> 2 -> 4 -> 8
+    # Slot-free rows are refused rather than silently unpenalised.
+    with pytest.raises(ValueError, match="penalty_slot"):
+        sampler(random_logits(1), [SamplingRow(cases[0])], state)
+
+
+def test_penalty_state_add_counts_prompt_and_output_like_the_processors() -> None:
+    state = PenaltyState(VOCAB)
+    params = SamplingParams(repetition_penalty=1.2, frequency_penalty=0.1)
+    prompt, output = [3, 3, 9], [9, 4, 4, 4]
+    slot = state.add(params, prompt, output)
+    assert torch.equal(state.seen_rows([slot]), P.token_mask([prompt + output], VOCAB, "cpu"))
+    assert torch.equal(state.count_rows([slot]), P.token_counts([output], VOCAB, "cpu"))
+    assert not state.seen_rows([NEUTRAL_SLOT]).any() and not state.count_rows([0]).any()
+    state.release(slot)
+    assert state.num_used_slots == 0 and not state.seen.any() and not state.counts.any()

@@ -4,18 +4,30 @@ No model: requests are built directly, ``schedule()`` is driven by hand and ``up
 a fake ``ModelOutput`` with one token for each chunk that samples. The token is a deterministic
 function of the request id and the output index (like greedy decoding), so a preempted request
 that recomputes its context must produce exactly the tokens it would have without preemption.
+
+``schedule()`` returns plain data (request ids); the tests look at it through :class:`Step`,
+which resolves the ids to the scheduler's ``Request`` objects when the step is scheduled, and
+end requests on their token's finish reason as ``Engine`` does (:func:`update`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import pickle
 import random
 import zlib
 
 import pytest
 
 from kiln.config import SchedulerConfig
-from kiln.engine.io import ModelOutput, SchedulerOutput, TokenOutput
+from kiln.engine.io import (
+    CachedRequestData,
+    ModelOutput,
+    NewRequestData,
+    SchedulerOutput,
+    TokenOutput,
+)
 from kiln.engine.kv_cache import KVCacheManager
 from kiln.engine.request import FinishReason, Request, RequestStatus
 from kiln.engine.scheduler import Scheduler
@@ -71,7 +83,57 @@ def fake_token(request_id: str, index: int, eos_every: int = 0) -> int:
     return 1 + h % 1000
 
 
-def fake_model_output(out: SchedulerOutput, eos_every: int = 0) -> ModelOutput:
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """A scheduled request: compute tokens ``[start, start + num_new_tokens)`` this step."""
+
+    request: Request
+    start: int
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the request's last token, so its logits give a new token."""
+        return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """A ``SchedulerOutput`` with its ids resolved to ``Request`` objects at schedule time."""
+
+    output: SchedulerOutput
+    chunks: list[Chunk]
+    preempted: list[Request]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return self.output.num_batched_tokens
+
+    @property
+    def is_empty(self) -> bool:
+        return self.output.is_empty
+
+
+def schedule(scheduler: Scheduler) -> Step:
+    out = scheduler.schedule()
+    requests = scheduler.requests  # every scheduled or preempted request is still there
+    chunks = [
+        Chunk(requests[d.request_id], d.num_computed_tokens, d.num_new_tokens)
+        for d in out.scheduled
+    ]
+    return Step(out, chunks, [requests[i] for i in out.preempted_request_ids])
+
+
+def update(scheduler: Scheduler, out: Step, model_output: ModelOutput) -> list[TokenOutput]:
+    """``Scheduler.update``, then end each request whose token ends it, as ``Engine`` does."""
+    outputs = scheduler.update(out.output, model_output)
+    for o in outputs:
+        if o.finish_reason is not None:
+            scheduler.finish_request(o.request.request_id, o.finish_reason)
+    return outputs
+
+
+def fake_model_output(out: Step, eos_every: int = 0) -> ModelOutput:
     """One token for each chunk that reaches its request's last token, in chunk order."""
     request_ids: list[str] = []
     token_ids: list[int] = []
@@ -85,9 +147,9 @@ def fake_model_output(out: SchedulerOutput, eos_every: int = 0) -> ModelOutput:
     return ModelOutput(request_ids, token_ids, logprobs=[-0.25] * len(token_ids))
 
 
-def step(scheduler: Scheduler, eos_every: int = 0) -> tuple[SchedulerOutput, list[TokenOutput]]:
-    out = scheduler.schedule()
-    return out, scheduler.update(out, fake_model_output(out, eos_every))
+def step(scheduler: Scheduler, eos_every: int = 0) -> tuple[Step, list[TokenOutput]]:
+    out = schedule(scheduler)
+    return out, update(scheduler, out, fake_model_output(out, eos_every))
 
 
 def run_to_completion(scheduler: Scheduler, max_steps: int = 10_000) -> int:
@@ -104,7 +166,7 @@ def expected_tokens(request: Request, eos_every: int = 0) -> list[int]:
     ]
 
 
-def spans(out: SchedulerOutput) -> list[tuple[str, int, int]]:
+def spans(out: Step) -> list[tuple[str, int, int]]:
     return [(c.request.request_id, c.start, c.num_new_tokens) for c in out.chunks]
 
 
@@ -119,6 +181,61 @@ def check_kv(scheduler: Scheduler) -> None:
     check_invariants(scheduler.kv_cache, list(scheduler.running))
 
 
+def assert_plain(value: object) -> None:
+    """Only ints, floats, strings, None, lists/tuples/dicts of them, frozen SamplingParams and
+    the step-boundary dataclasses: nothing that ties the output to this process's objects."""
+    if value is None or isinstance(value, (int, float, str)):
+        return
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            assert_plain(item)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            assert_plain(key)
+            assert_plain(item)
+        return
+    if isinstance(value, SamplingParams):  # a frozen dataclass of such values
+        return
+    assert isinstance(value, (SchedulerOutput, NewRequestData, CachedRequestData)), value
+    for f in dataclasses.fields(value):
+        assert_plain(getattr(value, f.name))
+
+
+class RunnerMirror:
+    """What a runner holds, rebuilt from SchedulerOutputs (and its own sampled tokens) alone, as
+    a runner in another process must: request id -> (token ids, block table)."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, tuple[list[int], list[int]]] = {}
+
+    def apply(self, out: SchedulerOutput) -> None:
+        for request_id in out.finished_request_ids:
+            self.requests.pop(request_id, None)
+        for request_id in out.preempted_request_ids:
+            del self.requests[request_id]
+        for cached in out.cached_requests:
+            self.requests[cached.request_id][1].extend(cached.new_block_ids)
+        for new in out.new_requests:
+            assert new.request_id not in self.requests
+            tokens = [*new.prompt_token_ids, *new.output_token_ids]
+            self.requests[new.request_id] = (tokens, list(new.block_ids))
+
+    def sampled(self, model_output: ModelOutput) -> None:
+        for request_id, token_id in zip(
+            model_output.request_ids, model_output.token_ids, strict=True
+        ):
+            self.requests[request_id][0].append(token_id)
+
+    def check(self, out: Step) -> None:
+        """Every scheduled request's tokens and block table agree with the scheduler's."""
+        for chunk in out.chunks:
+            r = chunk.request
+            tokens, block_ids = self.requests[r.request_id]
+            assert tokens == r.token_ids(0, r.num_tokens)
+            assert block_ids == r.block_ids
+
+
 def check_all_free(scheduler: Scheduler) -> None:
     kv = scheduler.kv_cache
     assert not scheduler.running and not scheduler.waiting and not scheduler.requests
@@ -126,6 +243,7 @@ def check_all_free(scheduler: Scheduler) -> None:
     assert kv.num_free_blocks == kv.num_blocks and kv.num_used_blocks == 0
     assert all(b.ref_count == 0 for b in kv.blocks)
     assert not kv._hashes and not kv._num_registered  # no per-request bookkeeping leaks
+    assert not scheduler._num_block_ids_sent and not scheduler._in_flight
 
 
 # --- token budget, chunked prefill -----------------------------------------------------------
@@ -133,9 +251,9 @@ def check_all_free(scheduler: Scheduler) -> None:
 
 def test_empty_schedule() -> None:
     scheduler = make_scheduler()
-    out = scheduler.schedule()
+    out = schedule(scheduler)
     assert out.is_empty and out.num_batched_tokens == 0 and out.preempted == []
-    assert scheduler.update(out, ModelOutput([], [])) == []
+    assert update(scheduler, out, ModelOutput([], [])) == []
 
 
 def test_long_prompt_is_chunked_and_samples_only_on_its_last_chunk() -> None:
@@ -169,14 +287,14 @@ def test_samples_flag_matches_chunk_end() -> None:
     scheduler = make_scheduler(max_num_batched_tokens=5)
     r = make_request("r", 12)
     scheduler.add_request(r)
-    out = scheduler.schedule()
+    out = schedule(scheduler)
     assert [c.samples for c in out.chunks] == [False]
     assert fake_model_output(out).request_ids == []
-    scheduler.update(out, fake_model_output(out))
-    out = scheduler.schedule()
+    update(scheduler, out, fake_model_output(out))
+    out = schedule(scheduler)
     assert spans(out) == [("r", 5, 5)] and not out.chunks[0].samples
-    scheduler.update(out, fake_model_output(out))
-    out = scheduler.schedule()
+    update(scheduler, out, fake_model_output(out))
+    out = schedule(scheduler)
     assert spans(out) == [("r", 10, 2)] and out.chunks[0].samples
 
 
@@ -240,9 +358,9 @@ def test_admission_reuses_the_cached_prefix() -> None:
     kv = scheduler.kv_cache
     a = make_request("a", 20, max_new_tokens=1)
     scheduler.add_request(a)
-    out = scheduler.schedule()
+    out = schedule(scheduler)
     a_blocks = list(a.block_ids)
-    scheduler.update(out, fake_model_output(out))
+    update(scheduler, out, fake_model_output(out))
     assert a.is_finished and a.block_ids == []  # freed, but its full blocks stay cached
     assert kv.num_cached_blocks == 5
 
@@ -250,7 +368,7 @@ def test_admission_reuses_the_cached_prefix() -> None:
     same = make_request("same", a.prompt_token_ids)
     scheduler.add_request(b)
     scheduler.add_request(same)
-    out = scheduler.schedule()
+    out = schedule(scheduler)
     # b reuses 4 blocks; the identical prompt reuses 4 of its 5 blocks (its last token's
     # logits are needed) and shares them with b.
     assert spans(out) == [("b", 16, 3), ("same", 16, 4)]
@@ -258,7 +376,7 @@ def test_admission_reuses_the_cached_prefix() -> None:
     assert b.block_ids[:4] == same.block_ids[:4] == a_blocks[:4]
     assert all(kv.blocks[i].ref_count == 2 for i in b.block_ids[:4])
     check_kv(scheduler)
-    scheduler.update(out, fake_model_output(out))
+    update(scheduler, out, fake_model_output(out))
     assert (kv.prefix_queries, kv.prefix_hits) == (20 + 19 + 20, 32)
     run_to_completion(scheduler)
     check_all_free(scheduler)
@@ -278,7 +396,7 @@ def test_newest_running_request_is_preempted_and_later_finishes() -> None:
     d = make_request("d", 1, max_new_tokens=1)
     scheduler.add_request(d)
 
-    out = scheduler.schedule()
+    out = schedule(scheduler)
     assert out.preempted == [c]  # the newest, not b
     assert spans(out) == [("a", 4, 1), ("b", 4, 1)]  # no admission in a preempting step
     assert c.status is RequestStatus.PREEMPTED
@@ -287,20 +405,20 @@ def test_newest_running_request_is_preempted_and_later_finishes() -> None:
     assert list(scheduler.waiting) == [c, d]  # at the front, ahead of newer arrivals
     assert (c.num_preemptions, scheduler.num_preemptions) == (1, 1)
     check_kv(scheduler)
-    scheduler.update(out, fake_model_output(out))
+    update(scheduler, out, fake_model_output(out))
 
     # c resumes: it recomputes prompt + output (from its cached prefix, if still cached) in
     # one chunk that samples, and finishes with the tokens it would have produced anyway.
     resumed = None
     for _ in range(100):
-        out = scheduler.schedule()
+        out = schedule(scheduler)
         for chunk in out.chunks:
             if chunk.request is c and resumed is None:
                 resumed = chunk
                 assert chunk.start == c.num_cached_tokens and chunk.start % 2 == 0
                 assert chunk.start + chunk.num_new_tokens == 5 and chunk.samples
         check_kv(scheduler)
-        scheduler.update(out, fake_model_output(out))
+        update(scheduler, out, fake_model_output(out))
         if not scheduler.has_unfinished():
             break
     assert resumed is not None
@@ -317,11 +435,11 @@ def test_a_request_preempts_itself_when_it_is_the_newest() -> None:
     scheduler.add_request(a)
     scheduler.add_request(b)
     step(scheduler)
-    out = scheduler.schedule()  # a takes the last free block; b needs one too
+    out = schedule(scheduler)  # a takes the last free block; b needs one too
     assert out.preempted == [b] and spans(out) == [("a", 4, 1)]
     assert scheduler.running == [a] and list(scheduler.waiting) == [b]
     check_kv(scheduler)
-    scheduler.update(out, fake_model_output(out))
+    update(scheduler, out, fake_model_output(out))
     run_to_completion(scheduler)
     assert b.output_token_ids == expected_tokens(b) and len(b.output_token_ids) == 4
     check_all_free(scheduler)
@@ -335,12 +453,12 @@ def test_several_preemptions_keep_arrival_order_in_the_waiting_queue() -> None:
     step(scheduler)  # 4 x 2 blocks: full
     # Each decode needs one block: r0's forces out r3 (freeing 2), r1 takes the other, r2
     # finds none and preempts itself. They must wait in arrival order: r2, then r3.
-    out = scheduler.schedule()
+    out = schedule(scheduler)
     assert out.preempted == [reqs[3], reqs[2]]
     assert list(scheduler.waiting) == [reqs[2], reqs[3]]
     assert spans(out) == [("r0", 2, 1), ("r1", 2, 1)]
     check_kv(scheduler)
-    scheduler.update(out, fake_model_output(out))
+    update(scheduler, out, fake_model_output(out))
     run_to_completion(scheduler)
     for r in reqs:
         assert r.output_token_ids == expected_tokens(r) and len(r.output_token_ids) == 6
@@ -427,11 +545,11 @@ def test_request_aborted_between_schedule_and_update_is_skipped() -> None:
     a, b = make_request("a", 9), make_request("b", 9)
     scheduler.add_request(a)
     scheduler.add_request(b)
-    out = scheduler.schedule()
+    out = schedule(scheduler)
     model_output = fake_model_output(out)  # the runner computed both
     assert model_output.request_ids == ["a", "b"]
     scheduler.finish_request("a", FinishReason.ABORT)
-    outputs = scheduler.update(out, model_output)
+    outputs = update(scheduler, out, model_output)
     assert [o.request for o in outputs] == [b]
     assert a.output_token_ids == [] and a.block_ids == []
     assert b.output_token_ids == [fake_token("b", 0)]
@@ -444,18 +562,119 @@ def test_update_ignores_a_new_request_reusing_an_aborted_id() -> None:
     scheduler = make_scheduler(block_size=2)
     old = make_request("x", 9)
     scheduler.add_request(old)
-    out = scheduler.schedule()
+    out = schedule(scheduler)
     model_output = fake_model_output(out)
     scheduler.finish_request("x", FinishReason.ABORT)
     new = make_request("x", [5, 6, 7])
     scheduler.add_request(new)  # the id is free again
-    assert scheduler.update(out, model_output) == []
+    assert update(scheduler, out, model_output) == []
     assert new.output_token_ids == [] and new.num_computed_tokens == 0
     assert list(scheduler.waiting) == [new]
     check_kv(scheduler)
     run_to_completion(scheduler)
     assert new.output_token_ids == expected_tokens(new)
     check_all_free(scheduler)
+
+
+# --- the plain-data output: each request whole once, then per-step diffs ---------------------
+
+
+def test_a_request_is_sent_whole_once_then_as_diffs() -> None:
+    scheduler = make_scheduler(block_size=4)
+    r = make_request("r", 10, max_new_tokens=8)
+    scheduler.add_request(r)
+    out = scheduler.schedule()
+    assert out.cached_requests == [] and out.finished_request_ids == []
+    assert out.new_requests == [
+        NewRequestData("r", r.prompt_token_ids, [], r.params, r.block_ids, 0, 10)
+    ]
+    assert len(r.block_ids) == 3
+    scheduler.update(out, ModelOutput(["r"], [fake_token("r", 0)]))
+    block_ids = list(r.block_ids)
+    for i in range(1, 5):  # tokens 11..14: a fourth block once the 13th token is computed
+        out = scheduler.schedule()
+        assert out.new_requests == []
+        (cached,) = out.cached_requests
+        assert (cached.num_computed_tokens, cached.num_new_tokens) == (9 + i, 1)
+        block_ids += cached.new_block_ids
+        assert block_ids == r.block_ids
+        assert cached.new_block_ids == ([r.block_ids[3]] if i == 3 else [])
+        scheduler.update(out, ModelOutput(["r"], [fake_token("r", i)]))
+
+
+def test_a_preempted_request_is_sent_whole_again_with_its_output() -> None:
+    scheduler = make_scheduler(num_blocks=5, block_size=2)
+    a, b = make_request("a", 4, max_new_tokens=4), make_request("b", 4, max_new_tokens=4)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    step(scheduler)
+    out = schedule(scheduler)
+    assert out.output.preempted_request_ids == ["b"] and spans(out) == [("a", 4, 1)]
+    while True:
+        update(scheduler, out, fake_model_output(out))
+        out = schedule(scheduler)
+        back = [d for d in out.output.new_requests if d.request_id == "b"]
+        if back:
+            break
+        assert not out.output.new_requests and spans(out)[0][0] == "a"
+    (data,) = back
+    assert data.prompt_token_ids == b.prompt_token_ids
+    assert data.output_token_ids == b.output_token_ids == [fake_token("b", 0)]
+    assert data.block_ids == b.block_ids and data.num_computed_tokens == b.num_computed_tokens
+
+
+def test_finished_ids_reach_the_runner_with_the_next_output() -> None:
+    scheduler = make_scheduler()
+    a, b = make_request("a", 3, max_new_tokens=1), make_request("b", 3)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    step(scheduler)  # a finishes on its first token
+    out = scheduler.schedule()
+    assert out.finished_request_ids == ["a"] and [d.request_id for d in out.scheduled] == ["b"]
+    scheduler.update(out, ModelOutput([], []))
+    # Aborted while nothing runs: the id waits for the next output, which also brings the new
+    # request reusing it; a runner applies finished ids first, so the two are not confused.
+    scheduler.finish_request("b", FinishReason.ABORT)
+    assert not scheduler.has_unfinished()
+    again = make_request("b", [4, 5])
+    scheduler.add_request(again)
+    out = scheduler.schedule()
+    assert out.finished_request_ids == ["b"]
+    assert [d.request_id for d in out.new_requests] == ["b"]
+    assert out.new_requests[0].prompt_token_ids == [4, 5]
+    # Nothing to compute but an id to drop: still an output for the executor.
+    scheduler.finish_request("b", FinishReason.ABORT)
+    out = scheduler.schedule()
+    assert out.num_batched_tokens == 0 and out.finished_request_ids == ["b"]
+    assert not out.is_empty
+    assert scheduler.schedule().is_empty
+
+
+def test_update_reports_the_finish_reason_and_the_caller_ends_the_request() -> None:
+    scheduler = make_scheduler()
+    r = make_request("r", 3, max_new_tokens=1)
+    scheduler.add_request(r)
+    out = scheduler.schedule()
+    (o,) = scheduler.update(out, ModelOutput(["r"], [fake_token("r", 0)]))
+    assert o.finish_reason is FinishReason.LENGTH
+    assert r.status is RequestStatus.RUNNING and r.block_ids  # not ended yet: text comes first
+    assert scheduler.finish_request("r", FinishReason.STOP_SEQUENCE) is r
+    assert r.finish_reason is FinishReason.STOP_SEQUENCE
+    check_all_free(scheduler)
+
+
+def test_outputs_are_plain_data_that_pickle() -> None:
+    scheduler = make_scheduler(num_blocks=8, block_size=2)
+    for i in range(4):
+        scheduler.add_request(make_request(f"r{i}", 3 + i, max_new_tokens=5))
+    num_preempted = 0
+    while scheduler.has_unfinished():
+        out, _ = step(scheduler)
+        assert_plain(out.output)
+        copy = pickle.loads(pickle.dumps(out.output))
+        assert copy == out.output and copy is not out.output
+        num_preempted += len(copy.preempted_request_ids)
+    assert num_preempted > 0
 
 
 # --- queue bound, ids ------------------------------------------------------------------------
@@ -531,6 +750,7 @@ def test_random_workload_invariants_fairness_and_cleanup(
     aborted: list[Request] = []
     finished: list[Request] = []
     num_steps = 0
+    mirror = RunnerMirror()
 
     def abort_random() -> None:
         request = rng.choice(list(scheduler.requests.values()))
@@ -558,7 +778,11 @@ def test_random_workload_invariants_fairness_and_cleanup(
         running_before = list(scheduler.running)
         computed_before = {id(r): r.num_computed_tokens for r in running_before}
 
-        out = scheduler.schedule()
+        out = schedule(scheduler)
+        # A runner rebuilds every scheduled request from (a pickled copy of) the output alone.
+        mirror.apply(pickle.loads(pickle.dumps(out.output)))
+        mirror.check(out)
+        assert set(mirror.requests) <= set(scheduler.requests)
 
         # Budget and limits.
         assert 1 <= out.num_batched_tokens <= budget
@@ -603,10 +827,11 @@ def test_random_workload_invariants_fairness_and_cleanup(
         check_kv(scheduler)
 
         model_output = fake_model_output(out, eos_every)
+        mirror.sampled(model_output)
         if rng.random() < 0.02:  # aborted while the step runs
             abort_random()
         num_outputs_before = {id(c.request): len(c.request.output_token_ids) for c in out.chunks}
-        outputs = scheduler.update(out, model_output)
+        outputs = update(scheduler, out, model_output)
 
         live_sampling = [
             c.request
@@ -652,4 +877,5 @@ def test_random_workload_invariants_fairness_and_cleanup(
     assert scheduler.num_preemptions > 0  # the tiny cache did force preemptions
     if prefix:
         assert kv.prefix_hits > 0
+    assert set(mirror.requests) <= set(scheduler._finished_ids)  # dropped with the next output
     check_all_free(scheduler)

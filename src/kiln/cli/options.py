@@ -43,7 +43,7 @@ class ModelOptions:
         return self.load_with()
 
     def load_with(self, **engine_options: Any) -> Any:
-        """Load the model as an ``LLM``; ``engine_options`` go to its constructor."""
+        """Load the model as an ``LLM``; ``engine_options`` are more EngineArgs fields."""
         import torch
 
         from kiln.llm import LLM
@@ -52,13 +52,18 @@ class ModelOptions:
             _check_device(self.device)
         if self.threads:
             torch.set_num_threads(self.threads)
-        return LLM(
-            self.model,
+        return LLM.from_args(self.engine_args(**engine_options), progress=True)
+
+    def engine_args(self, **engine_options: Any) -> Any:
+        """These options and ``engine_options`` as :class:`~kiln.config.EngineArgs`."""
+        from kiln.config.engine_args import EngineArgs
+
+        return EngineArgs(
+            model=self.model,
             dtype=self.dtype,
             device=self.device,
             max_model_len=self.max_model_len,
             chat_template=self.chat_template,
-            progress=True,
             **engine_options,
         )
 

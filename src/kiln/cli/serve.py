@@ -138,7 +138,7 @@ def serve(
         torch.set_num_threads(model.threads)
     manager = ModelManager(specs, switch_wait_seconds=switch_wait_seconds)
     first = manager.specs[default]
-    manager.adopt(default, LLM(first.model, progress=True, **first.options))
+    manager.adopt(default, LLM.from_args(first.args, progress=True))
     app = create_app(manager, config)
     _serve_until_stopped(app, host, port, shutdown_timeout, default)
     return 0

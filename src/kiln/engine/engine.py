@@ -1,10 +1,12 @@
-"""Engine: one step is exactly schedule -> execute -> update, then text for each new token."""
+"""Engine: one step is exactly schedule -> execute -> update, then text (and, on it, the end of
+the requests that are done) for each new token."""
 
 from __future__ import annotations
 
 import time
 
 from kiln.config import SchedulerConfig
+from kiln.engine.executor import Executor, InProcessExecutor
 from kiln.engine.io import TokenOutput
 from kiln.engine.kv_cache import KVCacheManager
 from kiln.engine.metrics import EngineMetrics, EngineStats
@@ -14,7 +16,7 @@ from kiln.engine.request import FinishReason, Request
 from kiln.engine.runner import ModelRunner
 from kiln.engine.scheduler import Scheduler
 from kiln.errors import ContextLengthError
-from kiln.sampling import SamplingParams, make_generator
+from kiln.sampling import SamplingParams
 from kiln.text.tokenizer import Tokenizer
 
 
@@ -24,7 +26,7 @@ class Engine:
 
     def __init__(
         self,
-        runner: ModelRunner,
+        executor: Executor,
         tokenizer: Tokenizer,
         scheduler_config: SchedulerConfig,
         num_blocks: int,
@@ -32,15 +34,23 @@ class Engine:
         eos_token_ids: frozenset[int],
         enable_prefix_caching: bool = True,
     ) -> None:
-        self.runner = runner
+        self.executor = executor
         self.tokenizer = tokenizer
-        self.block_size = runner.block_size
+        self.block_size = executor.block_size
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.kv_cache = KVCacheManager(num_blocks, self.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.kv_cache)
         self.output_processor = OutputProcessor(tokenizer)
         self.metrics = EngineMetrics()
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The in-process executor's runner (tools and tests reach the model's KV cache
+        through it); other executors have no runner in this process."""
+        if not isinstance(self.executor, InProcessExecutor):
+            raise AttributeError(f"{type(self.executor).__name__} runs no runner in this process")
+        return self.executor.runner
 
     @property
     def max_cache_tokens(self) -> int:
@@ -72,7 +82,6 @@ class Engine:
             params=params,
             eos_token_ids=self.eos_token_ids,
             max_model_len=self.max_model_len,
-            generator=make_generator(params.seed, self.runner.device),
         )
         self.scheduler.add_request(request)
         self.output_processor.add_request(request)
@@ -93,12 +102,13 @@ class Engine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
-        model_output = self.runner.execute(scheduler_output)
+        model_output = self.executor.execute(scheduler_output)
         token_outputs = self.scheduler.update(scheduler_output, model_output)
         now = time.monotonic()
         outputs = [self._process(t, now) for t in token_outputs]
-        self.metrics.num_steps += 1
-        self.metrics.tokens_per_step.observe(scheduler_output.num_batched_tokens)
+        if scheduler_output.num_batched_tokens:  # not a step that only dropped runner state
+            self.metrics.num_steps += 1
+            self.metrics.tokens_per_step.observe(scheduler_output.num_batched_tokens)
         return outputs
 
     def stats(self) -> EngineStats:
@@ -115,16 +125,14 @@ class Engine:
         )
 
     def _process(self, token_output: TokenOutput, now: float) -> RequestOutput:
+        """Text for one new token, and the one place a request ends on its own: the token's
+        reason (EOS, stop token id, length) unless the text hit a stop string first."""
         request = token_output.request
         if len(request.output_token_ids) == 1:
             self.metrics.time_to_first_token.observe(now - request.arrival_time)
         output = self.output_processor.process(token_output)
-        if output.finish_reason is FinishReason.STOP_SEQUENCE:
-            if token_output.finish_reason is None:
-                self.scheduler.finish_request(request.request_id, FinishReason.STOP_SEQUENCE)
-            else:  # a stop string on the token that ended it anyway: count what callers see
-                request.finish_reason = FinishReason.STOP_SEQUENCE
-        if output.finished:
+        if output.finish_reason is not None:
+            self.scheduler.finish_request(request.request_id, output.finish_reason)
             self._record_finished(request, now)
         return output
 

@@ -1,12 +1,11 @@
-"""Per-request generation state, owned by the scheduler."""
+"""Per-request generation state, owned by the scheduler (the runner keeps its own copy of
+what it needs, see :mod:`kiln.engine.runner`)."""
 
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
-
-import torch
 
 from kiln.sampling import SamplingParams
 
@@ -41,7 +40,6 @@ class Request:
     params: SamplingParams
     eos_token_ids: frozenset[int]
     max_model_len: int
-    generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
@@ -68,12 +66,7 @@ class Request:
 
     def token_ids(self, start: int, stop: int) -> list[int]:
         """Tokens ``[start, stop)`` of prompt + output, without copying the whole list."""
-        num_prompt = len(self.prompt_token_ids)
-        if stop <= num_prompt:
-            return self.prompt_token_ids[start:stop]
-        if start >= num_prompt:
-            return self.output_token_ids[start - num_prompt : stop - num_prompt]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - num_prompt]
+        return slice_tokens(self.prompt_token_ids, self.output_token_ids, start, stop)
 
     def append_token(self, token_id: int) -> FinishReason | None:
         """Record a sampled token; return why generation ends on it, if it does (stop strings
@@ -89,3 +82,13 @@ class Request:
         if num_output >= params.max_new_tokens or self.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
+
+
+def slice_tokens(prompt: list[int], output: list[int], start: int, stop: int) -> list[int]:
+    """Tokens ``[start, stop)`` of ``prompt + output``, without building the concatenation."""
+    num_prompt = len(prompt)
+    if stop <= num_prompt:
+        return prompt[start:stop]
+    if start >= num_prompt:
+        return output[start - num_prompt : stop - num_prompt]
+    return prompt[start:] + output[: stop - num_prompt]

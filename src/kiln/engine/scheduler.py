@@ -5,6 +5,9 @@ they still need — one token for a decode, a chunk for a prompt — until ``max
 is spent, then admits waiting requests (first come, first served) while blocks and the budget
 allow. When the KV cache is full, the newest running request is preempted: its blocks are freed
 and it is recomputed later (its output so far is kept), so memory never runs out under load.
+
+The scheduler owns the :class:`Request` objects; what it hands the executor is plain data
+(:class:`SchedulerOutput`): a request's prompt and params once, then per-step diffs.
 """
 
 from __future__ import annotations
@@ -13,7 +16,13 @@ import time
 from collections import deque
 
 from kiln.config import SchedulerConfig
-from kiln.engine.io import ModelOutput, ScheduledChunk, SchedulerOutput, TokenOutput
+from kiln.engine.io import (
+    CachedRequestData,
+    ModelOutput,
+    NewRequestData,
+    SchedulerOutput,
+    TokenOutput,
+)
 from kiln.engine.kv_cache import KVCacheManager
 from kiln.engine.request import FinishReason, Request, RequestStatus
 from kiln.errors import KilnError
@@ -27,6 +36,14 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # What the runner holds, so each step sends it only the difference: request id -> how
+        # many of the request's block ids it was sent. Absent: the runner does not hold the
+        # request (never scheduled, or preempted since), so it is sent whole.
+        self._num_block_ids_sent: dict[str, int] = {}
+        self._finished_ids: list[str] = []  # finished since the last output: runners drop them
+        # The requests of the output in flight, by id: update() applies results to these very
+        # objects (see its NOTE).
+        self._in_flight: dict[str, Request] = {}
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -39,7 +56,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
+        scheduled: list[tuple[Request, int]] = []  # (request, num_new_tokens) in batch order
         preempted: list[Request] = []
         i = 0
         while i < len(self.running) and budget > 0:
@@ -52,16 +69,16 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
+                scheduled.append((request, num_new))
                 budget -= num_new
                 i += 1
                 continue
             break  # the request preempted itself: nothing more fits
         if not preempted:
-            self._admit(budget, chunks)
-        return SchedulerOutput(chunks=chunks, preempted=preempted)
+            self._admit(budget, scheduled)
+        return self._output(scheduled, preempted)
 
-    def _admit(self, budget: int, chunks: list[ScheduledChunk]) -> None:
+    def _admit(self, budget: int, scheduled: list[tuple[Request, int]]) -> None:
         now = time.monotonic()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
@@ -77,31 +94,73 @@ class Scheduler:
             if request.scheduled_time is None:
                 request.scheduled_time = now
             self.running.append(request)
-            chunks.append(ScheduledChunk(request, num_cached, num_new))
+            scheduled.append((request, num_new))
             budget -= num_new
+
+    def _output(
+        self, scheduled: list[tuple[Request, int]], preempted: list[Request]
+    ) -> SchedulerOutput:
+        """The plain-data view of this step: each request whole the first time the runner sees
+        it, afterwards only its new blocks."""
+        cached: list[CachedRequestData] = []
+        new: list[NewRequestData] = []
+        for request, num_new in scheduled:
+            num_sent = self._num_block_ids_sent.get(request.request_id)
+            if num_sent is None:
+                new.append(
+                    NewRequestData(
+                        request_id=request.request_id,
+                        prompt_token_ids=list(request.prompt_token_ids),
+                        output_token_ids=list(request.output_token_ids),
+                        params=request.params,
+                        block_ids=list(request.block_ids),
+                        num_computed_tokens=request.num_computed_tokens,
+                        num_new_tokens=num_new,
+                    )
+                )
+            else:
+                cached.append(
+                    CachedRequestData(
+                        request_id=request.request_id,
+                        new_block_ids=request.block_ids[num_sent:],
+                        num_computed_tokens=request.num_computed_tokens,
+                        num_new_tokens=num_new,
+                    )
+                )
+            self._num_block_ids_sent[request.request_id] = len(request.block_ids)
+        finished, self._finished_ids = self._finished_ids, []
+        self._in_flight = {request.request_id: request for request, _ in scheduled}
+        return SchedulerOutput(
+            cached_requests=cached,
+            new_requests=new,
+            finished_request_ids=finished,
+            preempted_request_ids=[r.request_id for r in preempted],
+        )
 
     def update(
         self, scheduler_output: SchedulerOutput, model_output: ModelOutput
     ) -> list[TokenOutput]:
-        """Apply a step's results: advance computed tokens, append sampled tokens, finish and
-        free requests that are done.
+        """Apply a step's results: advance computed tokens, register full blocks, append the
+        sampled tokens. Each :class:`TokenOutput` says whether generation ends on its token (by
+        token: EOS, stop token id, length); ending it is the caller's: :meth:`finish_request`,
+        once any stop string in the text was looked for too.
 
         NOTE: a request finished (aborted) between schedule() and update() is skipped: its
         blocks are already freed, so its chunk must not register them, and its token must not
-        go to a new request that took its id meanwhile — hence the lookup in this step's chunks.
+        go to a new request that took its id meanwhile — hence the lookup among this step's
+        own Request objects rather than by id in ``self.requests``.
         """
-        scheduled: dict[str, Request] = {}
-        for chunk in scheduler_output.chunks:
-            request = chunk.request
-            if request.is_finished:
+        in_flight, self._in_flight = self._in_flight, {}
+        for data in scheduler_output.scheduled:
+            request = in_flight.get(data.request_id)
+            if request is None or request.is_finished:
                 continue
-            request.num_computed_tokens = chunk.start + chunk.num_new_tokens
+            request.num_computed_tokens = data.num_computed_tokens + data.num_new_tokens
             self.kv_cache.cache_full_blocks(request)
-            scheduled[request.request_id] = request
         outputs: list[TokenOutput] = []
         now = time.monotonic()
         for i, request_id in enumerate(model_output.request_ids):
-            request = scheduled.get(request_id)
+            request = in_flight.get(request_id)
             if request is None or request.is_finished:
                 continue  # aborted while the step ran
             token_id = model_output.token_ids[i]
@@ -117,8 +176,6 @@ class Scheduler:
                     finish_reason=finish_reason,
                 )
             )
-            if finish_reason is not None:
-                self.finish_request(request_id, finish_reason)
         return outputs
 
     def finish_request(self, request_id: str, reason: FinishReason) -> Request | None:
@@ -134,6 +191,8 @@ class Scheduler:
         self.kv_cache.forget(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
+        self._num_block_ids_sent.pop(request_id, None)
+        self._finished_ids.append(request_id)
         return request
 
     def _preempt(self, request: Request) -> None:
@@ -143,3 +202,4 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
+        self._num_block_ids_sent.pop(request.request_id, None)  # sent whole when it is back

@@ -9,6 +9,7 @@ import torch
 
 from kiln.sampling import processors
 from kiln.sampling.params import SamplingParams
+from kiln.sampling.penalties import NEUTRAL_SLOT, PenaltyState
 
 _NEG_INF = float("-inf")
 
@@ -19,12 +20,16 @@ class SamplingRow:
 
     params: SamplingParams
     prompt_token_ids: Sequence[int] = ()
-    """Only read when ``params.repetition_penalty != 1`` (the penalty covers the prompt)."""
+    """Only read when ``params.repetition_penalty != 1`` (the penalty covers the prompt) and
+    no ``penalty_slot`` is given."""
     output_token_ids: Sequence[int] = ()
-    """Tokens generated so far (penalties, ``min_new_tokens``)."""
+    """Tokens generated so far (``min_new_tokens``; penalties when no ``penalty_slot``)."""
     generator: torch.Generator | None = None
     """The request's own RNG (see :func:`make_generator`); None samples from the global RNG.
     Must live on the logits' device."""
+    penalty_slot: int | None = None
+    """The request's row in the :class:`PenaltyState` passed with the batch (its token
+    statistics kept up to date), instead of counting the token ids again every step."""
 
 
 @dataclass
@@ -69,8 +74,17 @@ class Sampler:
         self.eos_token_ids: tuple[int, ...] = tuple(eos_token_ids)
         """Blocked while a row has fewer than ``min_new_tokens`` outputs (unless ignore_eos)."""
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """Sample one token per row; ``logits`` is ``[B, V]`` and is not modified."""
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[SamplingRow],
+        penalties: PenaltyState | None = None,
+    ) -> SamplerOutput:
+        """Sample one token per row; ``logits`` is ``[B, V]`` and is not modified.
+
+        With ``penalties``, every row's ``penalty_slot`` says where its token statistics are
+        (the engine's runner keeps them); without, they are counted from the rows' token ids.
+        """
         num_rows = logits.shape[0]
         if len(rows) != num_rows:
             raise ValueError(f"got {len(rows)} sampling rows for {num_rows} rows of logits")
@@ -81,7 +95,7 @@ class Sampler:
             token_ids: list[int] = logits.argmax(dim=-1).tolist()
             return SamplerOutput(token_ids=token_ids, top_logprobs=[[] for _ in rows])
 
-        penalized = self._penalize(logits, rows)  # [B, V]
+        penalized = self._penalize(logits, rows, penalties)  # [B, V]
         sampled_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
         if len(sampled_rows) == num_rows:
             tokens = self._sample(penalized, rows)  # [B]
@@ -97,11 +111,16 @@ class Sampler:
             self._add_logprobs(output, logits, tokens, rows)
         return output
 
-    def process_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    def process_logits(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[SamplingRow],
+        penalties: PenaltyState | None = None,
+    ) -> torch.Tensor:
         """The logits ``[B, V]`` each row's token is chosen from: penalised for every row,
         warped for sampled rows (greedy rows skip the warpers). For tests and debugging; the
         sampler itself never builds this full tensor."""
-        penalized = self._penalize(logits, rows)
+        penalized = self._penalize(logits, rows, penalties)
         sampled_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
         if not sampled_rows:
             return penalized
@@ -114,7 +133,9 @@ class Sampler:
         probs = self._warp(logits, rows).softmax(dim=-1)  # [N, V]
         return processors.sample_from_probs(probs, [row.generator for row in rows])
 
-    def _penalize(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    def _penalize(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], penalties: PenaltyState | None
+    ) -> torch.Tensor:
         """Penalties and ``min_new_tokens``: a new ``[B, V]`` tensor, or ``logits`` itself when
         no row changes anything."""
         rep, freq, pres, blocked = [], [], [], []
@@ -133,28 +154,24 @@ class Sampler:
         use_block = [i for i, ids in enumerate(blocked) if ids]
         if not (use_rep or use_freq or use_block):
             return logits
+        if penalties is not None and any(row.penalty_slot is None for row in rows):
+            raise ValueError("with a PenaltyState, every sampling row needs its penalty_slot")
 
         # Gather the rows that change once, apply each step with neutral parameters (exact
         # no-ops) for the rows that do not use it, scatter back once.
         changed = sorted({*use_rep, *use_freq, *use_block})
+        sub = [rows[i] for i in changed]
         vocab_size, device = logits.shape[-1], logits.device
 
         def penalize(x: torch.Tensor) -> torch.Tensor:  # [R, V] -> [R, V]
-            sub = [rows[i] for i in changed]
             if use_rep:
-                seen_ids = [
-                    [*r.prompt_token_ids, *r.output_token_ids] if rep[i] != 1.0 else []
-                    for i, r in zip(changed, sub, strict=True)
-                ]
-                seen = processors.token_mask(seen_ids, vocab_size, device)  # [R, V]
+                used = [rep[i] != 1.0 for i in changed]
+                seen = _seen_mask(sub, used, vocab_size, device, penalties)  # [R, V]
                 penalty = _column([rep[i] for i in changed], device)
                 x = processors.apply_repetition_penalty(x, seen, penalty)
             if use_freq:
-                counted = [
-                    list(r.output_token_ids) if freq[i] != 0.0 or pres[i] != 0.0 else []
-                    for i, r in zip(changed, sub, strict=True)
-                ]
-                counts = processors.token_counts(counted, vocab_size, device)  # [R, V]
+                used = [freq[i] != 0.0 or pres[i] != 0.0 for i in changed]
+                counts = _output_counts(sub, used, vocab_size, device, penalties)  # [R, V]
                 x = processors.apply_frequency_presence_penalties(
                     x,
                     counts,
@@ -227,6 +244,43 @@ class Sampler:
             n = row.params.top_logprobs
             if n:
                 output.top_logprobs[i] = list(zip(ids_list[i][:n], values_list[i][:n], strict=True))
+
+
+def _seen_mask(
+    rows: Sequence[SamplingRow],
+    used: list[bool],
+    vocab_size: int,
+    device: torch.device,
+    penalties: PenaltyState | None,
+) -> torch.Tensor:
+    """``[R, V]`` bool: tokens in each row's prompt or output; all False where not ``used``."""
+    if penalties is not None:
+        return penalties.seen_rows(_slots(rows, used))
+    token_ids = [
+        [*row.prompt_token_ids, *row.output_token_ids] if u else []
+        for row, u in zip(rows, used, strict=True)
+    ]
+    return processors.token_mask(token_ids, vocab_size, device)
+
+
+def _output_counts(
+    rows: Sequence[SamplingRow],
+    used: list[bool],
+    vocab_size: int,
+    device: torch.device,
+    penalties: PenaltyState | None,
+) -> torch.Tensor:
+    """``[R, V]`` float32: occurrences in each row's output; all zeros where not ``used``."""
+    if penalties is not None:
+        return penalties.count_rows(_slots(rows, used))
+    token_ids = [list(row.output_token_ids) if u else [] for row, u in zip(rows, used, strict=True)]
+    return processors.token_counts(token_ids, vocab_size, device)
+
+
+def _slots(rows: Sequence[SamplingRow], used: list[bool]) -> list[int]:
+    """Each row's penalty slot, the all-zeros one where the penalty is not ``used``."""
+    pairs = zip(rows, used, strict=True)
+    return [(row.penalty_slot or NEUTRAL_SLOT) if u else NEUTRAL_SLOT for row, u in pairs]
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:

