@@ -160,6 +160,19 @@ def test_stop_string_cuts_exactly(llm, greedy) -> None:
     assert stop not in output_text(out.token_ids[:-1])
 
 
+def test_a_kept_stop_string_stays_with_the_token_that_completes_it(llm, greedy) -> None:
+    text = greedy.text
+    stop = text[len(text) // 2 : len(text) // 2 + 7]
+    params = GREEDY.replace(stop=[stop], include_stop_str_in_output=True)
+    kept = llm.generate(PROMPTS[0], params)[0]
+    cut = llm.generate(PROMPTS[0], GREEDY.replace(stop=[stop]))[0]
+    assert kept.finish_reason == "stop_sequence"
+    assert kept.token_ids == cut.token_ids  # it ends on the same token
+    # The whole text of every token made, the stop string included, nothing held back.
+    assert kept.text == text[: len(kept.text)]
+    assert stop in kept.text and kept.text.startswith(cut.text + stop)
+
+
 def test_earliest_stop_string_wins(llm, greedy) -> None:
     text = greedy.text
     late, early = text[-12:-6], text[20:26]

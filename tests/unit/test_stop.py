@@ -129,3 +129,30 @@ def test_no_stops_and_empty_stops():
     assert matcher.feed("abc") == ("abc", False)
     with pytest.raises(TypeError):
         StopStringMatcher("stop")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_keep_stop_emits_every_delta_whole_and_stops_where_cutting_would(seed):
+    rng = random.Random(seed)
+    stops = ["abc", "bc", "cab", "ca", "abcab"]
+    text = "".join(rng.choice("abcx") for _ in range(30))
+    cutting = StopStringMatcher(stops)
+    keeping = StopStringMatcher(stops, keep_stop=True)
+    for delta in _random_split(text, seed):
+        out, hit = keeping.feed(delta)
+        assert out == delta  # nothing cut, nothing held back
+        assert hit == cutting.feed(delta)[1]  # the same delta completes the first stop
+        if hit:
+            assert keeping.matched == cutting.matched
+            break
+    assert keeping.flush() == ""
+
+
+def test_keep_stop_finds_a_stop_split_over_many_deltas():
+    matcher = StopStringMatcher(["STOP"], keep_stop=True)
+    assert [matcher.feed(d) for d in ["xS", "T", "O", "Pyz"]] == [
+        ("xS", False),
+        ("T", False),
+        ("O", False),
+        ("Pyz", True),
+    ]

@@ -29,7 +29,9 @@ class OutputProcessor:
             IncrementalDetokenizer(
                 self.tokenizer, request.prompt_token_ids, params.skip_special_tokens
             ),
-            StopStringMatcher(params.stop) if params.stop else None,
+            StopStringMatcher(params.stop, keep_stop=params.include_stop_str_in_output)
+            if params.stop
+            else None,
         )
 
     def remove_request(self, request_id: str) -> None:
@@ -47,6 +49,8 @@ class OutputProcessor:
         if state.stops is not None:
             text, hit = state.stops.feed(text)
             if hit:
+                if finish_reason is None and request.params.include_stop_str_in_output:
+                    text += state.detokenizer.flush()  # the text is kept: all of it
                 finish_reason = FinishReason.STOP_SEQUENCE
             elif finish_reason is not None:
                 text += state.stops.flush()

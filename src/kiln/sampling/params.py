@@ -63,6 +63,9 @@ class SamplingParams:
     """Also return this many most likely alternatives per token (0..20)."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the detokenized text."""
+    include_stop_str_in_output: bool = False
+    """Keep the stop string (and the rest of the token that completes it) in the text, as TGI
+    does; by default the text ends before it, as OpenAI's does."""
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
@@ -84,7 +87,7 @@ class SamplingParams:
             _check_int("seed", self.seed, minimum=0, maximum=_MAX_SEED)
         object.__setattr__(self, "stop", _normalise_stop(self.stop))
         object.__setattr__(self, "stop_token_ids", _normalise_token_ids(self.stop_token_ids))
-        for name in ("ignore_eos", "logprobs", "skip_special_tokens"):
+        for name in ("ignore_eos", "logprobs", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(f"{name} must be a boolean, got {getattr(self, name)!r}")
         _check_int("top_logprobs", self.top_logprobs, minimum=0, maximum=MAX_TOP_LOGPROBS)

@@ -15,9 +15,13 @@ class StopStringMatcher:
     With several stop strings, the one that completes first in the text wins, and the text
     before it is emitted. Once a stop string is hit the matcher is finished: later feeds return
     ``("", True)``.
+
+    With ``keep_stop`` (TGI's behaviour: a stop sequence stays in the text), nothing is held
+    back nor cut: every delta is emitted whole, the one that completes a stop string included,
+    and only the hit is reported.
     """
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], keep_stop: bool = False) -> None:
         if isinstance(stops, str):
             raise TypeError("stops must be a sequence of strings, not one string")
         # NOTE: an empty stop string would match before any text; OpenAI-style clients do send
@@ -25,6 +29,9 @@ class StopStringMatcher:
         self._stops = tuple(dict.fromkeys(s for s in stops if s))
         self._buffer = ""
         self._matched: str | None = None
+        self._keep_stop = keep_stop
+        # With keep_stop, the text already emitted that a stop string could still end in.
+        self._tail_length = max((len(s) for s in self._stops), default=1) - 1
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -61,6 +68,11 @@ class StopStringMatcher:
             end = at + len(stop)
             if hit is None or end < hit_end or (end == hit_end and at < hit_at):
                 hit_end, hit_at, hit = end, at, stop
+        if self._keep_stop:
+            self._buffer = buffer[-self._tail_length :] if self._tail_length else ""
+            if hit is not None:
+                self._matched = hit
+            return delta, hit is not None
         if hit is not None:
             self._matched = hit
             self._buffer = ""
@@ -72,7 +84,7 @@ class StopStringMatcher:
     def flush(self) -> str:
         """At the end of generation: the held-back tail (it never became a stop string)."""
         tail, self._buffer = self._buffer, ""
-        return "" if self._matched is not None else tail
+        return "" if self._matched is not None or self._keep_stop else tail
 
     def _partial_match_length(self, text: str) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of some stop string."""

@@ -33,8 +33,7 @@ def cpu_packing_available(dtype: torch.dtype) -> bool:
     AVX2 only, packing a bfloat16 weight raises, so such weights stay plain ``F.linear``.
     """
     if not (
-        torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     ):
         return False
     if dtype == torch.bfloat16:

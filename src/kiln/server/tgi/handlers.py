@@ -83,12 +83,13 @@ def _logprob(value: float | None) -> float | None:
 
 class _TokenMaker:
     """Engine outputs -> TGI tokens. A token's text is the text it completes, special tokens
-    included (TGI streams ``</s>`` with ``special: true``); ``generated_text`` leaves them out."""
+    included (TGI streams ``</s>`` with ``special: true``): the engine detokenizes it so (the
+    request's params keep special tokens and stop strings), so it is read, not decoded again.
+    ``generated_text`` leaves special tokens out, decoded once at the end."""
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]) -> None:
         self._tokenizer = tokenizer
         self._prompt_ids = prompt_ids
-        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=False)
         self._special = frozenset(tokenizer.all_special_ids)
         self.token_ids: list[int] = []
 
@@ -105,22 +106,15 @@ class _TokenMaker:
         last = len(out.token_ids) - 1
         for i, token_id in enumerate(out.token_ids):
             self.token_ids.append(token_id)
-            text = self._detokenizer.add([token_id])
-            if out.finished and i == last:
-                text += self._detokenizer.flush()
             logprob = out.logprobs[i] if i < len(out.logprobs) else None
             top = out.top_logprobs[i] if i < len(out.top_logprobs) else []
-            tokens.append(
-                (
-                    Token(
-                        id=token_id,
-                        text=text,
-                        logprob=_logprob(logprob),
-                        special=self._is(token_id),
-                    ),
-                    [self._alone(t, lp) for t, lp in top],
-                )
+            token = Token(
+                id=token_id,
+                text=out.text if i == last else "",  # the text the tokens complete together
+                logprob=_logprob(logprob),
+                special=self._is(token_id),
             )
+            tokens.append((token, [self._alone(t, lp) for t, lp in top]))
         return tokens
 
     def generated_text(self) -> str:

@@ -170,6 +170,9 @@ async def prepare(generation: Generation, request: GenerateRequest, *, stream: b
         frequency_penalty=p.frequency_penalty or 0.0,
         seed=seed,
         stop=tuple(s for s in p.stop if s),
+        # TGI's texts: a token's text includes special tokens, a stop sequence stays in.
+        skip_special_tokens=False,
+        include_stop_str_in_output=True,
         # Streamed tokens always carry their logprob; /generate only with `details`.
         logprobs=stream or p.details,
         top_logprobs=top_n_tokens if stream or p.details else 0,
