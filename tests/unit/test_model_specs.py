@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from kiln.cli.main import build_parser
+from kiln.cli.options import EngineOptions
 from kiln.cli.serve import ServedModels, model_specs
 from kiln.config import ConfigError
 from kiln.serving.models import ModelManager, ModelSpec, default_name, read_models_config
@@ -118,3 +120,17 @@ def test_serve_default_must_be_registered(tmp_path: Path):
     config.write_text(json.dumps({"models": [{"model": "/m/c"}], "default": "d"}))
     with pytest.raises(ConfigError, match="'d' is none of"):
         _serve_specs("--models-config", str(config))
+
+
+def test_serve_engine_flags_reach_every_model_spec():
+    args = vars(
+        build_parser().parse_args(
+            ["serve", "--model", "/m/a", "--block-size", "32", "--no-enable-prefix-caching"]
+        )
+    )
+    engine = EngineOptions(**{f.name: args[f.name] for f in dataclasses.fields(EngineOptions)})
+    models = ServedModels(**{k: args[k] for k in ("model", "dtype", "device", "threads")})
+    (spec,), _ = model_specs(models, None, None, **engine.as_options())
+    assert spec.args.block_size == 32
+    assert spec.args.enable_prefix_caching is False
+    assert spec.args.max_num_seqs == EngineOptions().max_num_seqs == 64

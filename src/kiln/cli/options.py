@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from kiln.config.engine_args import EngineArgs
 from kiln.sampling import SamplingParams
 
 
@@ -54,10 +55,8 @@ class ModelOptions:
             torch.set_num_threads(self.threads)
         return LLM.from_args(self.engine_args(**engine_options), progress=True)
 
-    def engine_args(self, **engine_options: Any) -> Any:
+    def engine_args(self, **engine_options: Any) -> EngineArgs:
         """These options and ``engine_options`` as :class:`~kiln.config.EngineArgs`."""
-        from kiln.config.engine_args import EngineArgs
-
         return EngineArgs(
             model=self.model,
             dtype=self.dtype,
@@ -66,6 +65,30 @@ class ModelOptions:
             chat_template=self.chat_template,
             **engine_options,
         )
+
+
+@dataclass
+class EngineOptions:
+    """How the engine schedules and caches (defaults are :class:`~kiln.config.EngineArgs`'s).
+
+    Args:
+        max_num_seqs: most requests the engine runs at once.
+        max_num_batched_tokens: most tokens computed per engine step; longer prompts are
+            prefilled in chunks of this size.
+        kv_cache_memory: bytes for the KV cache (default: 1 GiB on CPU, 90% of free GPU memory).
+        block_size: tokens per KV cache block.
+        enable_prefix_caching: reuse the KV cache of a prompt's longest already-seen prefix.
+    """
+
+    max_num_seqs: int = EngineArgs.max_num_seqs
+    max_num_batched_tokens: int = EngineArgs.max_num_batched_tokens
+    kv_cache_memory: int | None = EngineArgs.kv_cache_memory
+    block_size: int = EngineArgs.block_size
+    enable_prefix_caching: bool = EngineArgs.enable_prefix_caching
+
+    def as_options(self) -> dict[str, Any]:
+        """These fields, as :class:`~kiln.config.EngineArgs` keyword arguments."""
+        return asdict(self)
 
 
 def _check_device(device: str) -> None:

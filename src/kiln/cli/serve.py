@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kiln.cli.options import ModelOptions, _check_device
+from kiln.cli.options import EngineOptions, ModelOptions, _check_device
 
 if TYPE_CHECKING:
     from kiln.serving.models import ModelSpec
@@ -71,14 +71,12 @@ def model_specs(
 
 def serve(
     model: ServedModels,
+    engine: EngineOptions,
     host: str = "127.0.0.1",
     port: int = 8080,
     max_concurrent_requests: int = 128,
     max_input_tokens: int | None = None,
     max_total_tokens: int | None = None,
-    max_num_seqs: int = 64,
-    max_num_batched_tokens: int = 2048,
-    kv_cache_memory: int | None = None,
     api_key: str | None = None,
     model_id: str | None = None,
     models_config: str | None = None,
@@ -95,9 +93,6 @@ def serve(
         max_concurrent_requests: requests in flight at once; beyond it 429 "Model is overloaded".
         max_input_tokens: longest prompt accepted (default: the context minus one).
         max_total_tokens: longest prompt + max_new_tokens accepted (default: the context).
-        max_num_seqs: most requests the engine runs at once.
-        max_num_batched_tokens: most tokens computed per engine step.
-        kv_cache_memory: bytes for the KV cache (default: 1 GiB on CPU, 90% of free GPU memory).
         api_key: require `Authorization: Bearer KEY` on every route but /health.
         model_id: the name clients see for the model served at start (default: its name).
         models_config: a JSON file of models to serve, beside --model: {"models": [{"name":
@@ -124,14 +119,7 @@ def serve(
         shutdown_timeout=shutdown_timeout,
         model_id=model_id,
     )
-    specs, default = model_specs(
-        model,
-        models_config,
-        model_id,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        kv_cache_memory=kv_cache_memory,
-    )
+    specs, default = model_specs(model, models_config, model_id, **engine.as_options())
     for device in {s.options.get("device") for s in specs} - {None}:
         _check_device(device)
     if model.threads:
