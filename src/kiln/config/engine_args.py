@@ -69,6 +69,10 @@ class EngineArgs:
             )
         return cls(model=model, **options)
 
+    def options(self) -> dict[str, Any]:
+        """Every field but ``model``, as :meth:`from_options` takes them."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "model"}
+
     def replace(self, **changes: Any) -> EngineArgs:
         return dataclasses.replace(self, **changes)
 

@@ -41,6 +41,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kiln.config.engine_args import EngineArgs
+from kiln.engine.builder import LoadedEngine, build_engine
 from kiln.errors import ConfigError, ConflictError, KilnError, NotFoundError, UnavailableError
 from kiln.llm import LLM
 from kiln.serving.served_model import ServedModel
@@ -142,8 +143,8 @@ class ModelSpec:
             name, model = default_name(text), text
         return cls(name.strip(), model.strip() or None, dict(options))
 
-    def load(self) -> LLM:
-        return LLM.from_args(self.args)
+    def load(self) -> LoadedEngine:
+        return build_engine(self.args)
 
 
 def read_models_config(path: str | Path, **defaults: Any) -> tuple[list[ModelSpec], str | None]:
@@ -188,7 +189,8 @@ class ModelManager:
 
     Args:
         specs: the models that may be served; names must be unique.
-        loader: builds a spec's LLM (default :meth:`ModelSpec.load`); runs on a thread.
+        loader: builds a spec's engine (default :meth:`ModelSpec.load`; an ``LLM`` will do
+            too); runs on a thread.
         switch_wait_seconds: how long a request that arrives during a switch waits for it to
             end before a 503.
         unload_first: drain and unload the active model before loading the next (True), or
@@ -199,7 +201,7 @@ class ModelManager:
         self,
         specs: Sequence[ModelSpec],
         *,
-        loader: Callable[[ModelSpec], LLM] | None = None,
+        loader: Callable[[ModelSpec], LoadedEngine | LLM] | None = None,
         switch_wait_seconds: float = 30.0,
         unload_first: bool | None = None,
     ) -> None:
@@ -228,11 +230,12 @@ class ModelManager:
         self._started = False
 
     @classmethod
-    def serving(cls, llm: LLM, name: str, **kwargs: Any) -> ModelManager:
-        """A manager of one model, already loaded (reloaded from ``llm``'s source if it is
-        ever unloaded)."""
-        manager = cls([ModelSpec(name, llm.model_name)], **kwargs)
-        manager.adopt(name, llm)
+    def serving(cls, model: LoadedEngine | LLM, name: str, **kwargs: Any) -> ModelManager:
+        """A manager of one model, already loaded (reloaded from its source, with the options
+        it was loaded with, if it is ever unloaded)."""
+        loaded = model.loaded if isinstance(model, LLM) else model
+        manager = cls([ModelSpec(name, loaded.name, loaded.args.options())], **kwargs)
+        manager.adopt(name, loaded)
         return manager
 
     # --- before the server starts ---------------------------------------------------------
@@ -242,12 +245,12 @@ class ModelManager:
         spec = self._spec(name or next(iter(self.specs)))
         self.adopt(spec.name, self._loader(spec))
 
-    def adopt(self, name: str, llm: LLM) -> None:
-        """Make an already loaded ``llm`` the active model ``name``."""
+    def adopt(self, name: str, model: LoadedEngine | LLM) -> None:
+        """Make an already loaded ``model`` the active model ``name``."""
         self._spec(name)
         if self._active is not None:
             raise ConfigError(f"model {self._active.name!r} is active already")
-        self._active = ServedModel(name, llm)
+        self._active = ServedModel(name, model)
         if self._started:
             self._active.engine.start()
 
@@ -389,8 +392,8 @@ class ModelManager:
         started = time.monotonic()
         logger.info("loading model %s (%s)", name, spec.model or "default")
         try:
-            llm = await _on_thread(lambda: self._loader(spec), f"kiln-load-{name}")
-            loaded = ServedModel(name, llm)
+            model = await _on_thread(lambda: self._loader(spec), f"kiln-load-{name}")
+            loaded = ServedModel(name, model)
             if self._started:
                 loaded.engine.start()
         except Exception as e:

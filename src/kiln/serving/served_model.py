@@ -29,23 +29,24 @@ Message = dict[str, Any]
 class ServedModel:
     """A loaded model with its engine, and how many requests are pinned to it."""
 
-    def __init__(self, name: str, llm: LLM) -> None:
+    def __init__(self, name: str, model: LoadedEngine | LLM) -> None:
+        loaded = model.loaded if isinstance(model, LLM) else model
         self.name = name
-        self.source = llm.model_name
+        self.source = loaded.name
         """Where it was loaded from (path, hub id or kiln's default model's name)."""
-        self.engine = AsyncEngine(llm.engine)
-        self.tokenizer: Tokenizer = llm.tokenizer
-        self.config: ModelConfig = llm.config
-        self.device: torch.device = llm.device
-        self.dtype: torch.dtype = llm.dtype
-        self.max_model_len: int = llm.max_model_len
-        self.max_cache_tokens: int = llm.engine.max_cache_tokens
+        self.engine = AsyncEngine(loaded.engine)
+        self.tokenizer: Tokenizer = loaded.tokenizer
+        self.config: ModelConfig = loaded.config
+        self.device: torch.device = loaded.device
+        self.dtype: torch.dtype = loaded.dtype
+        self.max_model_len: int = loaded.max_model_len
+        self.max_cache_tokens: int = loaded.engine.max_cache_tokens
         """The most tokens (prompt + output) the whole KV cache holds for one request."""
         self.generation_defaults: dict[str, Any] = sampling_defaults(
-            llm.checkpoint.generation_config
+            loaded.checkpoint.generation_config
         )
         """Sampling defaults from the checkpoint's ``generation_config.json``."""
-        self._loaded: LoadedEngine | None = llm.loaded
+        self._loaded: LoadedEngine | None = loaded
         self.num_requests = 0
         self._idle: asyncio.Event | None = None
 
