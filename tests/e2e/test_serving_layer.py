@@ -254,3 +254,16 @@ def test_a_huge_chat_keeps_the_server_responsive(tuned_llm: LLM):
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["prompt_tokens"] < 512  # the oldest exchanges were dropped
     assert answered >= 3  # it was in flight long enough for /health to be asked meanwhile
+
+
+@pytest.mark.parametrize(
+    ("path", "openai_shape"),
+    [("/v1/nothing-here", True), ("/v1/models/a%0Ab", True), ("/nothing-here", False)],
+)
+def test_a_path_no_route_matches_answers_in_its_routers_shape(
+    http: httpx.Client, path: str, openai_shape: bool
+):
+    response = http.get(path)
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert isinstance(error, dict) == openai_shape, error

@@ -115,18 +115,23 @@ def _declared_shape(route: Any) -> ErrorShape | None:
 
 def shape_for(request: Request) -> ErrorShape:
     """The error shape of the route ``request`` matched (looked up here when a middleware
-    answers before routing); TGI's when none matches."""
+    answers before routing); for a path no route matches, the shape of the router whose
+    prefix it is under (``/v1/...`` is OpenAI's); else TGI's."""
     shape = _declared_shape(request.scope.get("route"))
     if shape is not None:
         return shape
-    partial = None
+    partial = prefixed = None
+    path = request.scope.get("path", "")
     for candidate in request.app.router.routes:
         match, _ = candidate.matches(request.scope)
         if match is Match.FULL:
             return _declared_shape(candidate) or TGI_ERRORS
         if match is Match.PARTIAL and partial is None:
             partial = _declared_shape(candidate)
-    return partial or TGI_ERRORS
+        prefix = getattr(getattr(candidate, "original_router", None), "prefix", "")
+        if prefixed is None and prefix and (path == prefix or path.startswith(prefix + "/")):
+            prefixed = _declared_shape(candidate)
+    return partial or prefixed or TGI_ERRORS
 
 
 def error_response(
