@@ -146,12 +146,11 @@ async def _start(
 ) -> tuple[Generation, Prepared]:
     """Admit, validate and tokenize, and start the engine request (up to its first output)."""
     generation = _generation(serving, request)
-    model = await generation.admit()
+    await generation.admit()
     with generation.failures_recorded():
         prep = await prepare(generation, body, stream=stream)
         choice = Choice(0, f"tgi-{uuid.uuid4().hex}", prep.prompt_ids, prep.params)
         await generation.start([choice])
-    assert model is not None
     return generation, prep
 
 
