@@ -139,14 +139,18 @@ def test_shutdown_cuts_requests_that_outlast_the_timeout(stories_dir: Path, tmp_
         exited_after = time.monotonic() - signalled_at
 
     assert not all(s.complete for s in streams), "nothing was cut"
+    ended_early = [s for s in streams if s.status == 503 or any('"error"' in e for e in s.events)]
+    assert ended_early, "every stream ran to its end"
     for stream in streams:
         # Cut mid-stream, or, when still waiting for its first token, 503 (retry elsewhere).
         assert stream.complete or stream.status in (200, 503), (stream.status, stream.events)
         if stream.status == 503:
             assert json.loads(stream.events[0])["error"]["type"] == "server_error"
     assert "timeout graceful shutdown exceeded" in server.output()
-    assert cut_after < timeout_s + 5  # no client hangs
-    assert exited_after < timeout_s + 10
+    # No client hangs. NOTE: generous bounds (a loaded 2-core machine stalls for seconds); that
+    # the requests were cut rather than finished is asserted above, not by these times.
+    assert cut_after < timeout_s + 20
+    assert exited_after < timeout_s + 30
 
 
 def test_a_stream_cut_at_the_timeout_ends_with_an_error_event(
