@@ -16,8 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kiln import LLM, SamplingParams
-from kiln.models.layers.attention import AttentionMetadata
 from kiln.weights.resolve import resolve_checkpoint
+from prefill_logits import kiln_prefill_logits
 
 NUM_NEW = 64
 # min_new_tokens blocks EOS on both sides (transformers' MinNewTokensLengthLogitsProcessor),
@@ -71,23 +71,8 @@ def stories(stories_dir: Path) -> tuple[Any, LLM]:
 def test_stories_prefill_logits_match_transformers(stories) -> None:
     hf_model, llm = stories
     prompt_ids = llm.tokenizer.encode(STORIES_PROMPTS[2])
-    config = llm.config
-    block_size = 16
-    num_blocks = -(-len(prompt_ids) // block_size)
-    # A private cache in the layout the attention layer documents, so this checks the model
-    # alone: [2, slots, kv_heads, head_dim] per layer, blocks in reverse (non-contiguous) order.
-    kv_caches = [
-        torch.zeros(2, num_blocks * block_size, config.num_key_value_heads, config.head_dim)
-        for _ in range(config.num_hidden_layers)
-    ]
-    metadata = AttentionMetadata.build(
-        [0], [len(prompt_ids)], [list(reversed(range(num_blocks)))], block_size
-    )
+    logits = kiln_prefill_logits(llm, prompt_ids)
     with torch.inference_mode():
-        hidden = llm.model(
-            torch.tensor(prompt_ids), torch.arange(len(prompt_ids)), kv_caches, metadata
-        )
-        logits = llm.model.compute_logits(hidden).float()  # [T, vocab]
         expected = hf_model(torch.tensor([prompt_ids])).logits[0]
     assert logits.shape == expected.shape
     assert (logits - expected).abs().max().item() <= 1e-4
