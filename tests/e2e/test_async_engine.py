@@ -209,24 +209,70 @@ def test_abort_by_id_mid_stream(async_engine: AsyncEngine) -> None:
     assert async_engine.engine.metrics.num_requests_finished.get("abort", 0) >= 1
 
 
+def _until_the_context_is_full(async_engine: AsyncEngine) -> SamplingParams:
+    """``LONG`` stretched to the whole context: hundreds of steps that only an abort cuts short."""
+    engine = async_engine.engine
+    num_prompt_tokens = len(engine.tokenizer.encode(STORY))
+    return LONG.replace(
+        max_new_tokens=min(engine.max_model_len, engine.max_cache_tokens) - num_prompt_tokens
+    )
+
+
+def _finished_totals(async_engine: AsyncEngine) -> tuple[dict[str, int], int]:
+    metrics = async_engine.metrics
+    return dict(metrics.num_requests_finished), metrics.num_generation_tokens
+
+
+async def _assert_aborted_early(
+    async_engine: AsyncEngine,
+    request_id: str,
+    params: SamplingParams,
+    before: tuple[dict[str, int], int],
+) -> None:
+    """The request the caller left ended as *aborted*, long before it could have finished on
+    its own, and gave its blocks back. Without the abort it would run on to ``length`` (the
+    engine would then go idle only after all ``max_new_tokens`` steps, and count no abort)."""
+    await _wait_idle(async_engine)  # every KV block is back, nothing running or waiting
+    finished_before, tokens_before = before
+    finished, tokens = _finished_totals(async_engine)
+    new_finished = {
+        reason: n - finished_before.get(reason, 0)
+        for reason, n in finished.items()
+        if n != finished_before.get(reason, 0)
+    }
+    assert new_finished == {"abort": 1}
+    num_generated = tokens - tokens_before  # counted by the engine when the request ended
+    assert 1 <= num_generated < params.max_new_tokens // 2, (num_generated, params)
+    assert request_id not in async_engine.engine.scheduler.requests
+    assert request_id not in async_engine._streams
+
+
 def test_leaving_the_loop_aborts(async_engine: AsyncEngine) -> None:
+    params = _until_the_context_is_full(async_engine)
+    assert params.max_new_tokens >= 400
+
     async def main() -> None:
+        before = _finished_totals(async_engine)
         num_outputs = 0
-        async for _ in async_engine.generate(STORY, LONG):
+        async for _ in async_engine.generate(STORY, params, "leave-the-loop"):
             num_outputs += 1
             if num_outputs == 3:
                 break  # the client went away: the generator is closed, the request aborted
-        await _wait_idle(async_engine)
+        await _assert_aborted_early(async_engine, "leave-the-loop", params, before)
 
     _run(main())
 
 
 def test_cancelling_the_consumer_aborts(async_engine: AsyncEngine) -> None:
+    params = _until_the_context_is_full(async_engine)
+    assert params.max_new_tokens >= 400
+
     async def main() -> None:
+        before = _finished_totals(async_engine)
         started = asyncio.Event()
 
         async def consume() -> None:
-            async for _ in async_engine.generate(STORY, LONG):
+            async for _ in async_engine.generate(STORY, params, "cancel-the-consumer"):
                 started.set()
 
         task = asyncio.create_task(consume())
@@ -234,7 +280,7 @@ def test_cancelling_the_consumer_aborts(async_engine: AsyncEngine) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await _wait_idle(async_engine)
+        await _assert_aborted_early(async_engine, "cancel-the-consumer", params, before)
 
     _run(main())
 

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,8 +185,23 @@ def test_weights_progress_bar_goes_to_stderr_only(generate_20):
     assert visible_lines(generate_20.stderr) == []
 
 
+def _still_running(pid: int) -> bool:
+    """Whether a child has not exited yet, without reaping it (``proc.wait`` does that)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:  # already reaped by the waiting thread: it has exited
+        return False
+
+
+# Reads of stdout that must each return part of the text while the CLI still runs. Without a
+# flush per token the text comes in at most two: the prompt with the first token (flushed
+# before the loop), then everything else at once when the CLI ends. A flush per token gives
+# about one read per token, a few hundred here, so coalescing on a busy machine has ample room.
+MIN_STREAMED_READS = 8
+
+
 def test_generate_streams_as_tokens_are_made(model, stories_llm):
-    max_new_tokens = 64
+    max_new_tokens = 256
     proc = subprocess.Popen(
         [
             *kiln_command(), "generate", *model, "--prompt", PROMPT,
@@ -199,13 +213,14 @@ def test_generate_streams_as_tokens_are_made(model, stories_llm):
         bufsize=0,
         env=kiln_env(),
     )  # fmt: skip
-    chunks: list[tuple[float, bytes]] = []
+    # One entry per os.read: the bytes it returned and whether the CLI was still running then.
+    chunks: list[tuple[bytes, bool]] = []
     stderr: list[bytes] = []
 
     def read_stdout() -> None:
         fd = proc.stdout.fileno()
         while chunk := os.read(fd, 1 << 16):
-            chunks.append((time.monotonic(), chunk))
+            chunks.append((chunk, _still_running(proc.pid)))
 
     readers = [
         threading.Thread(target=read_stdout),
@@ -219,14 +234,17 @@ def test_generate_streams_as_tokens_are_made(model, stories_llm):
         proc.kill()
         for reader in readers:
             reader.join(timeout=10)
-    exited_at = time.monotonic()
     assert returncode == 0, b"".join(stderr).decode()
-    text = b"".join(chunk for _, chunk in chunks).decode()
+    text = b"".join(chunk for chunk, _ in chunks).decode()
     expected = greedy(stories_llm, PROMPT, max_new_tokens, ignore_eos=True)
     assert text == PROMPT + expected + "\n"
-    # Streamed: the text came in several writes, the first well before the process ended.
-    assert len(chunks) >= 2, [chunk for _, chunk in chunks]
-    assert chunks[0][0] < chunks[-1][0] <= exited_at
+    # Streamed: the text came in many separate reads, made while the CLI was still generating,
+    # not in one or two writes at the end.
+    sizes = [len(chunk) for chunk, _ in chunks]
+    assert chunks[0][0].startswith(PROMPT.encode()) and chunks[0][1], sizes
+    num_live_reads = sum(running for _, running in chunks)
+    print("LIVE", num_live_reads, len(chunks), sizes[:3], sizes[-3:])
+    assert num_live_reads >= MIN_STREAMED_READS, sizes
 
 
 def test_generate_into_a_reader_that_leaves_stops_quietly(model):

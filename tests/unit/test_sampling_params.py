@@ -66,22 +66,51 @@ def test_frozen_and_replace_revalidates() -> None:
         p.replace(top_p=0.0)
 
 
+# Annotations are strings there (`from __future__ import annotations`): "float", not float.
+FLOAT_FIELDS = {f.name for f in dataclasses.fields(SamplingParams) if f.type == "float"}
+BOUNDARY_VALUES = [
+    {
+        "max_new_tokens": 1,
+        "min_new_tokens": 1,
+        "temperature": 0.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "typical_p": 1.0,
+        "min_p": 0.0,
+        "repetition_penalty": 1e-3,
+        "frequency_penalty": -2.0,
+        "presence_penalty": 2.0,
+        "seed": 0,
+        "stop": ["x"],
+        "stop_token_ids": [0],
+        "top_logprobs": MAX_TOP_LOGPROBS,
+    },
+    {
+        "top_p": 1e-6,
+        "typical_p": 1e-6,
+        "min_p": 0.999,
+        "seed": 2**64 - 1,
+        "temperature": 100,
+        "frequency_penalty": 2,
+        "presence_penalty": -2,
+        "top_logprobs": 0,
+    },
+]
+
+
 def test_boundary_values_are_accepted() -> None:
-    SamplingParams(
-        max_new_tokens=1,
-        min_new_tokens=1,
-        temperature=0.0,
-        top_k=0,
-        top_p=1.0,
-        typical_p=1.0,
-        min_p=0.0,
-        repetition_penalty=1e-3,
-        frequency_penalty=-2.0,
-        presence_penalty=2.0,
-        seed=0,
-        top_logprobs=MAX_TOP_LOGPROBS,
-    )
-    SamplingParams(top_p=1e-6, typical_p=1e-6, min_p=0.999, seed=2**64 - 1, temperature=100)
+    assert {"temperature", "top_p", "repetition_penalty"} <= FLOAT_FIELDS
+    for values in BOUNDARY_VALUES:
+        p = SamplingParams(**values)
+        for name, value in values.items():
+            held = getattr(p, name)
+            if name in FLOAT_FIELDS:
+                # an int given for a float field is held as the equal float (as documented)
+                assert type(held) is float and held == float(value), (name, held)
+            elif isinstance(value, list):
+                assert held == tuple(value) and type(held) is tuple, (name, held)
+            else:
+                assert type(held) is type(value) and held == value, (name, held)
 
 
 BAD_VALUES = [
