@@ -243,7 +243,6 @@ def test_generate_streams_as_tokens_are_made(model, stories_llm):
     sizes = [len(chunk) for chunk, _ in chunks]
     assert chunks[0][0].startswith(PROMPT.encode()) and chunks[0][1], sizes
     num_live_reads = sum(running for _, running in chunks)
-    print("LIVE", num_live_reads, len(chunks), sizes[:3], sizes[-3:])
     assert num_live_reads >= MIN_STREAMED_READS, sizes
 
 

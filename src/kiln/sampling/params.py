@@ -141,7 +141,7 @@ class SamplingParams:
         value = float(value)
         if not ok(value):  # NaN fails every comparison, so it lands here too
             raise InvalidRequestError(f"{name} must be {allowed}, got {value}")
-        object.__setattr__(self, name, round(value, 3))  # MUTATION
+        object.__setattr__(self, name, value)
 
 
 def _check_int(
