@@ -65,6 +65,7 @@ def expected(stories: LLM) -> dict[str, Any]:
     return {
         "story": _one(stories, STORY, _greedy(max_new_tokens=20, logprobs=True, top_logprobs=3)),
         "lily": _one(stories, "Lily", _greedy(max_new_tokens=8)),
+        "story8": _one(stories, STORY, _greedy(max_new_tokens=8)),
         "ids": _one(stories, story_ids[:10], _greedy(max_new_tokens=8)),
         "stop": stop,
         "stopped": _one(stories, STORY, _greedy(max_new_tokens=30, stop=[stop])),
@@ -165,9 +166,12 @@ def test_completion_prompt_forms_and_echo(client: openai.OpenAI, expected: dict)
     r = client.completions.create(
         model="stories", prompt=["Lily", STORY], max_tokens=8, temperature=0
     )
+    # References of 8 generated tokens, so that an empty or cut-short text cannot match them.
+    assert len(expected["lily"].token_ids) == len(expected["story8"].token_ids) == 8
+    assert expected["lily"].text and expected["story8"].text
     assert [c.index for c in r.choices] == [0, 1]
     assert r.choices[0].text == expected["lily"].text
-    assert r.choices[1].text == expected["story"].text[: len(r.choices[1].text)]
+    assert r.choices[1].text == expected["story8"].text
     r = client.completions.create(model="stories", prompt=ids, max_tokens=8, temperature=0)
     assert r.choices[0].text == expected["ids"].text
     assert r.usage.prompt_tokens == 10
@@ -370,8 +374,9 @@ def test_async_client_concurrent_streams(stories_url: str, expected: dict) -> No
             return await asyncio.gather(*(one(p) for p in ("Lily", STORY, "Lily")))
 
     lily, story, lily_again = asyncio.run(main())
+    assert expected["lily"].text and expected["story8"].text  # 8 tokens each: never empty
     assert lily == lily_again == expected["lily"].text
-    assert story == expected["story"].text[: len(story)]
+    assert story == expected["story8"].text
 
 
 # --- SmolLM2-135M-Instruct: chat ------------------------------------------------------------

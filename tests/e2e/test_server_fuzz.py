@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import hypothesis
 import pytest
+import schemathesis
 from pydantic import BaseModel, ValidationError
 
 from kiln import LLM, SamplingParams
@@ -27,9 +29,6 @@ from kiln.config.server import ServerConfig
 from kiln.server.openai.schemas import ChatCompletionChunk, CompletionChunk, OpenAIErrorResponse
 from kiln.server.tgi.schemas import ErrorResponse, StreamResponse
 from server_harness import running_server
-
-schemathesis = pytest.importorskip("schemathesis")
-hypothesis = pytest.importorskip("hypothesis")
 
 MAX_EXAMPLES = int(os.environ.get("KILN_FUZZ_EXAMPLES", "30"))
 """Examples per operation; set KILN_FUZZ_EXAMPLES higher for a deeper (slower) search."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import text_generation
 from huggingface_hub import InferenceClient
 from huggingface_hub import errors as hub_errors
 
@@ -28,8 +29,6 @@ from kiln.engine.outputs import CompletionOutput
 from kiln.engine.request import FinishReason
 from model_copies import EOS_AT, EOS_PROMPT
 from server_harness import running_server
-
-text_generation = pytest.importorskip("text_generation")
 
 # text_generation 0.7 still calls pydantic v1's `.dict()`.
 pytestmark = pytest.mark.filterwarnings("ignore:The `dict` method is deprecated")

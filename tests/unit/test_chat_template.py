@@ -30,6 +30,9 @@ FIXTURE_TOKENIZERS = {
     "qwen2-instruct": "smollm2-135m-instruct-gguf",
     "chatml": "smollm2-135m-instruct-gguf",
     "smollm2-instruct": "smollm2-135m-instruct-gguf",
+    # Zephyr's template laid out as many checkpoints' are: `{% %}` blocks on their own, indented
+    # lines. Only trim_blocks *and* lstrip_blocks (transformers' settings) render it unindented.
+    "zephyr-indented": "stories260K",
 }
 # built-in name -> the public template it reproduces
 BUILTIN_FIXTURES = {
@@ -73,7 +76,8 @@ def _tokenizer_config(model: str) -> tuple[Path, dict]:
 @functools.cache
 def _pair(fixture: str) -> tuple[Tokenizer, object]:
     """Our tokenizer and transformers', both with the fixture template as chat_template."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a declared test dependency: missing, it must fail, not skip
+
     path, config = _tokenizer_config(FIXTURE_TOKENIZERS[fixture])
     config["chat_template"] = _fixture(fixture)
     ours = Tokenizer(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), config)
@@ -104,6 +108,16 @@ def test_render_matches_transformers(fixture, conversation, add_generation_promp
         messages, tokenize=True, add_generation_prompt=add_generation_prompt
     )
     assert ours.encode_chat(text) == list(expected_ids)
+
+
+def test_indented_blocks_are_stripped():
+    # The exact text, so that it holds without transformers too: with lstrip_blocks off, the
+    # indentation before each `{% if %}` / `{% elif %}` / `{% else %}` line would stay in it.
+    template = ChatTemplate(_fixture("zephyr-indented"))
+    text = template.render(CONVERSATIONS["system"], eos_token="</s>")
+    assert text == (
+        "<|system|>\nYou are a concise assistant.</s>\n<|user|>\nHello!</s>\n<|assistant|>\n"
+    )
 
 
 def test_shared_smollm2_template_matches_its_file():
@@ -182,7 +196,8 @@ Year: {{ strftime_now('%Y') }}"""
 
 @pytest.mark.parametrize("tools", [None, TOOLS])
 def test_tojson_loopcontrols_strftime_match_transformers(tools):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a declared test dependency: missing, it must fail, not skip
+
     path, _ = _tokenizer_config("smollm2-135m-instruct-gguf")
     theirs = transformers.PreTrainedTokenizerFast(
         tokenizer_file=str(path / "tokenizer.json"), chat_template=TOOLS_TEMPLATE

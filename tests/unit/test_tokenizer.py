@@ -35,7 +35,8 @@ def _model_dir(name: str) -> Path:
 
 
 def _load(name: str, **config_overrides) -> tuple[Tokenizer, object]:
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a declared test dependency: missing, it must fail, not skip
+
     path = _model_dir(name)
     config = json.loads((path / "tokenizer_config.json").read_text())
     config.update(config_overrides)
