@@ -119,3 +119,37 @@ def test_greedy_64_tokens_match_transformers(pair) -> None:
                 pad_token_id=0,
             )[0, len(prompt) :].tolist()
         assert out.token_ids == ref
+
+
+def test_paged_prefill_writes_the_mapped_slots_and_a_later_chunk_reads_them(pair) -> None:
+    """The KV cache holds each token at ``block_table[pos // block_size] * block_size + pos %
+    block_size``, and nowhere else; a second prefill chunk that reads the first from there
+    gives transformers' logits. (A wrong slot mapping used the same way for writes and reads
+    would pass a one-chunk comparison.)"""
+    hf_model, llm = pair
+    prompt = _prompts()[0]  # 23 tokens
+    block_size = llm.engine.block_size
+    table = [5, 2, 7]
+    config = llm.config
+    kv_caches = [
+        torch.zeros(2, 8 * block_size, config.num_key_value_heads, config.head_dim)
+        for _ in range(config.num_hidden_layers)
+    ]
+    split = 15
+    with torch.inference_mode():
+        logits = []
+        for start, stop in ((0, split), (split, len(prompt))):
+            metadata = AttentionMetadata.build(
+                [start], [stop - start], [table], block_size, config.sliding_window
+            )
+            hidden = llm.model(
+                torch.tensor(prompt[start:stop]), torch.arange(start, stop), kv_caches, metadata
+            )
+            logits.append(llm.model.compute_logits(hidden))
+        expected = hf_model(torch.tensor([prompt])).logits[0]
+    written = {
+        int(slot) for slot in (kv_caches[0].abs().sum(dim=(0, 2, 3)) != 0).nonzero().flatten()
+    }
+    mapped = {table[pos // block_size] * block_size + pos % block_size for pos in range(len(prompt))}
+    assert written == mapped
+    assert (torch.cat(logits) - expected).abs().max().item() <= 1e-4
