@@ -150,6 +150,8 @@ def test_paged_prefill_writes_the_mapped_slots_and_a_later_chunk_reads_them(pair
     written = {
         int(slot) for slot in (kv_caches[0].abs().sum(dim=(0, 2, 3)) != 0).nonzero().flatten()
     }
-    mapped = {table[pos // block_size] * block_size + pos % block_size for pos in range(len(prompt))}
+    mapped = {
+        table[pos // block_size] * block_size + pos % block_size for pos in range(len(prompt))
+    }
     assert written == mapped
     assert (torch.cat(logits) - expected).abs().max().item() <= 1e-4
