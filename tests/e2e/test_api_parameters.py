@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from engine_probes import record_sampling_params
 from kiln import LLM, SamplingParams
 from kiln.config.server import ServerConfig
 from server_harness import running_server
@@ -35,15 +36,7 @@ def http(llm: LLM) -> Iterator[httpx.Client]:
 @pytest.fixture
 def received(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> list[SamplingParams]:
     """The SamplingParams of every request the engine receives (it still runs them)."""
-    seen: list[SamplingParams] = []
-    add_request = llm.engine.add_request
-
-    def spy(request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Any:
-        seen.append(params)
-        return add_request(request_id, prompt_token_ids, params)
-
-    monkeypatch.setattr(llm.engine, "add_request", spy)
-    return seen
+    return record_sampling_params(llm, monkeypatch)
 
 
 TGI_CASES = [

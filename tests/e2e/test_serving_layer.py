@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from engine_faults import fail_steps_after
+from engine_probes import fail_steps_after, record_sampling_params
 from kiln import LLM, SamplingParams
 from kiln.config.server import ServerConfig
 from kiln.serving.served_model import ServedModel
@@ -61,15 +61,7 @@ def http(url: str) -> Iterator[httpx.Client]:
 @pytest.fixture
 def received(tuned_llm: LLM, monkeypatch: pytest.MonkeyPatch) -> list[SamplingParams]:
     """The SamplingParams of every request the engine receives (it still runs them)."""
-    seen: list[SamplingParams] = []
-    add_request = tuned_llm.engine.add_request
-
-    def spy(request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Any:
-        seen.append(params)
-        return add_request(request_id, prompt_token_ids, params)
-
-    monkeypatch.setattr(tuned_llm.engine, "add_request", spy)
-    return seen
+    return record_sampling_params(tuned_llm, monkeypatch)
 
 
 # --- sampling defaults ----------------------------------------------------------------------

@@ -22,7 +22,7 @@ import text_generation
 from huggingface_hub import InferenceClient
 from huggingface_hub import errors as hub_errors
 
-from engine_faults import fail_steps_after
+from engine_probes import fail_steps_after
 from kiln import LLM, SamplingParams
 from kiln.config.server import ServerConfig
 from kiln.engine.outputs import CompletionOutput

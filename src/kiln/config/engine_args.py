@@ -73,9 +73,6 @@ class EngineArgs:
         """Every field but ``model``, as :meth:`from_options` takes them."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "model"}
 
-    def replace(self, **changes: Any) -> EngineArgs:
-        return dataclasses.replace(self, **changes)
-
     def cache_config(self) -> CacheConfig:
         return CacheConfig(
             block_size=self.block_size,

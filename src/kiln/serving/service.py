@@ -47,10 +47,6 @@ class Serving:
     def window(self, model: ServedModel) -> ContextWindow:
         return ContextWindow.of(model, self.config)
 
-    def current_window(self) -> ContextWindow:
-        """The context window of the active model (``UnavailableError`` if none)."""
-        return self.window(self.models.current())
-
     @property
     def is_healthy(self) -> bool:
         active = self.models.active
