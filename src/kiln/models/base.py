@@ -11,8 +11,10 @@ from torch import nn
 
 from kiln.config import ModelConfig
 from kiln.errors import ModelLoadError
+from kiln.kernels.native import CPUKernels, cpu_kernels
 from kiln.models.layers.attention import AttentionMetadata
 from kiln.models.layers.linear import Linear, cpu_packing_available
+from kiln.quantization import GroupQuantized
 
 
 class CausalLM(nn.Module, abc.ABC):
@@ -47,42 +49,81 @@ class CausalLM(nn.Module, abc.ABC):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
         """Logits of the LM head."""
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-        """Copy checkpoint tensors (Hugging Face names) into parameters, casting dtype.
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor | GroupQuantized]], source: str
+    ) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into parameters, casting dtype; a
+        linear layer's weight is handed to the layer, which (de)quantizes it to its own form.
 
         Raises :class:`ModelLoadError` naming ``source`` and the key for an unknown key, a shape
         mismatch, or a parameter the checkpoint never provided.
         """
         params = dict(self.named_parameters())
-        missing = {name: set(range(_num_shards(self, name))) for name in params}
+        linears = {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
+        expected = set(params) | {f"{name}.weight" for name in linears}
+        missing = {name: set(range(_num_shards(self, name))) for name in expected}
         ignored = [re.compile(p) for p in self.ignored_weights]
         for hf_name, tensor in weights:
             if any(p.search(hf_name) for p in ignored):
                 continue
             name, shard = self._param_for(hf_name)
-            if name not in params:
+            if name not in expected:
                 if self.config.tie_word_embeddings and hf_name == "lm_head.weight":
                     continue  # tied checkpoints sometimes store the shared matrix twice
                 raise ModelLoadError(
                     f"{source}: unexpected weight {hf_name!r} for a {self.config.model_type} model "
                     f"with this config (is config.json from the same checkpoint?)"
                 )
-            param = params[name]
-            target = param.data
-            if shard is not None:
-                layer = self.get_submodule(name.rsplit(".", 1)[0])
-                assert isinstance(layer, Linear)
-                target = target[layer.shard_rows(shard)]
-            if tuple(target.shape) != tuple(tensor.shape):
+            owner, _, attr = name.rpartition(".")
+            layer = linears.get(owner) if attr == "weight" else None
+            if layer is not None:
+                rows = layer.shard_rows(shard) if shard is not None else slice(None)
+                out_features, in_features = layer.weight_shape()
+                target_shape = (len(range(out_features)[rows]), in_features)
+            else:
+                target = params[name].data
+                if shard is not None:  # a fused layer's bias: the shard's rows
+                    target = target[linears[owner].shard_rows(shard)]
+                target_shape = tuple(target.shape)
+            if tuple(target_shape) != tuple(tensor.shape):
                 raise ModelLoadError(
                     f"{source}: weight {hf_name!r} has shape {tuple(tensor.shape)}, the config "
-                    f"implies {tuple(target.shape)}"
+                    f"implies {tuple(target_shape)}"
                 )
-            target.copy_(tensor)
+            if layer is not None:
+                layer.load_weight_rows(tensor, rows)
+            else:
+                target.copy_(tensor.dequantize() if isinstance(tensor, GroupQuantized) else tensor)
             missing[name].discard(shard or 0)
         absent = sorted(n for n, shards in missing.items() if shards)
         if absent:
             raise ModelLoadError(f"{source}: checkpoint has no weight for {', '.join(absent[:5])}")
+        for layer in linears.values():
+            layer.finish_loading()
+
+    def linear_layers(self) -> dict[str, Linear]:
+        """Every linear layer, by module name."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
+
+    def checkpoint_names(self, layer_name: str) -> list[str]:
+        """The Hugging Face names of the tensors a linear layer's weight is loaded from."""
+        weight = f"{layer_name}.weight"
+        names = [
+            weight.replace(fused, original)
+            for fused, original, _ in self.stacked_params
+            if fused in weight
+        ]
+        return names or [weight]
+
+    def quantize_linears(self, bits_by_layer: dict[str, int], kernels: CPUKernels) -> None:
+        """Before loading: hold the named linear layers' weights group-quantized."""
+        layers = self.linear_layers()
+        for name, bits in bits_by_layer.items():
+            layers[name].quantize_to(bits, kernels)
+
+    def quantize_tied_head(self, bits: int, kernels: CPUKernels) -> None:
+        """After loading: give a head tied to the embedding its own ``bits``-quantized copy
+        (models without a tied head ignore this)."""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -94,12 +135,18 @@ class CausalLM(nn.Module, abc.ABC):
 
     def prepare_for_cpu(self) -> None:
         """Inference-only layout change for CPU decode: prepack every linear layer's weight
-        (see :meth:`Linear.pack_for_cpu`). Call after :meth:`load_weights`."""
+        (see :meth:`Linear.pack_for_cpu`), and hand float32 norms and attention kiln's CPU
+        kernels where they run. Call after :meth:`load_weights`."""
+        kernels = cpu_kernels() if self.dtype == torch.float32 else None
+        for module in self.modules():
+            # Modules with a native fast path declare a ``kernels`` attribute (None: PyTorch).
+            if hasattr(module, "kernels"):
+                module.kernels = kernels
         if not cpu_packing_available(self.dtype):
             return
         warmed: set[tuple[int, ...]] = set()
         for module in self.modules():
-            if isinstance(module, Linear) and module.packed_weight is None:
+            if isinstance(module, Linear) and module.bits is None and module.packed_weight is None:
                 module.pack_for_cpu()
                 # oneDNN's per-shape state is shared by layers of one weight shape.
                 if tuple(module.packed_weight.shape) not in warmed:

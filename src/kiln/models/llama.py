@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig
+from kiln.kernels.native import CPUKernels
 from kiln.models.base import CausalLM
 from kiln.models.layers.attention import AttentionMetadata, PagedAttention
 from kiln.models.layers.linear import Linear, cpu_packing_available
@@ -51,6 +52,14 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj.forward(x).view(num_tokens, -1, self.head_dim)  # [T, H + 2 KV, D]
+        kernels = self.attn.kernels
+        if kernels is not None and rotary.fits_cpu_kernels and qkv.is_contiguous():
+            # One native call rotates q and k and writes k and v to the cache.
+            kernels.rope_and_cache(
+                qkv, self.num_heads, *cos_sin, attn_metadata.slot_mapping, kv_cache
+            )
+            out = self.attn.attend(qkv[:, : self.num_heads], kv_cache, attn_metadata)
+            return self.o_proj.forward(out)
         # One in-place rotary pass over the q and k heads together; the rotated keys stay next
         # to the values, so the cache takes both in one write.
         rotary.rotate_(qkv[:, : self.num_heads + self.num_kv_heads], *cos_sin)
@@ -71,9 +80,15 @@ class LlamaMLP(nn.Module):
         if config.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}")
         self.act = _ACTIVATIONS[config.hidden_act]
+        self.kernels: CPUKernels | None = None
+        """kiln's CPU kernels (float32 models): silu(gate) * up in one pass."""
+        self.fused_silu = config.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.forward(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj.forward(x)
+        if self.kernels is not None and self.fused_silu and gate_up.is_contiguous():
+            return self.down_proj.forward(self.kernels.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj.forward(self.act(gate).mul_(up))
 
 
@@ -88,14 +103,22 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         rotary: RotaryEmbedding,
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        h = self.input_layernorm.forward(x)
-        x = x + self.self_attn.forward(h, cos_sin, rotary, kv_cache, attn_metadata)
-        return x + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` is the previous layer's MLP output and ``residual`` the stream it adds to
+        (None at the first layer, where ``x`` is the embedding): each add is fused with the
+        norm that follows it. Returns this layer's MLP output and its residual stream."""
+        if residual is None:
+            residual, h = x, self.input_layernorm.forward(x)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn.forward(h, cos_sin, rotary, kv_cache, attn_metadata)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp.forward(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -150,14 +173,25 @@ class LlamaForCausalLM(CausalLM):
         cos_sin = rotary.cos_sin(positions, x.dtype)
         # NOTE: the decode hot path calls ``.forward`` directly: nn.Module.__call__'s hook
         # handling costs a few microseconds per call, ~10 calls per layer per step.
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer.forward(x, cos_sin, rotary, kv_cache, attn_metadata)
-        return self.model.norm.forward(x)
+            x, residual = layer.forward(x, residual, cos_sin, rotary, kv_cache, attn_metadata)
+        return self.model.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
             return F.linear(hidden, self.model.embed_tokens.weight)
         return self.lm_head(hidden)
+
+    def quantize_tied_head(self, bits: int, kernels: CPUKernels) -> None:
+        if self.lm_head is not None:
+            return
+        embedding = self.model.embed_tokens.weight
+        head = Linear(embedding.shape[1], embedding.shape[0])
+        head.quantize_to(bits, kernels)
+        head.load_weight_rows(embedding, slice(None))
+        head.finish_loading()
+        self.lm_head = head
 
     def prepare_for_cpu(self) -> None:
         if self.lm_head is None and cpu_packing_available(self.dtype):

@@ -11,8 +11,10 @@ import torch
 from tqdm import tqdm
 
 from kiln.config import ModelConfig
-from kiln.errors import ModelLoadError
+from kiln.errors import ConfigError, ModelLoadError
+from kiln.kernels.native import CPUKernels, cpu_kernels
 from kiln.models.base import CausalLM
+from kiln.models.quantization_plan import QuantizationPlan, plan_quantization
 from kiln.models.registry import MODEL_REGISTRY
 from kiln.weights.checkpoint import Checkpoint
 
@@ -55,6 +57,24 @@ def resolve_dtype(requested: str, config: ModelConfig, device: torch.device) -> 
     return dtype
 
 
+def _kernels_for(
+    plan: QuantizationPlan, quantize: str | None, device: torch.device
+) -> CPUKernels | None:
+    if not plan:
+        return None
+    if device.type != "cpu":
+        if quantize is not None:
+            raise ConfigError(f"--quantize {quantize} runs on the CPU only; use --device cpu")
+        return None  # a GGUF's quantized tensors are dequantized for the GPU
+    kernels = cpu_kernels()
+    if kernels is None:
+        logger.warning(
+            "kiln's quantized CPU kernels cannot run here (they need x86-64 Linux with AVX2 "
+            "and a C compiler): weights are kept in floating point"
+        )
+    return kernels
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
@@ -72,14 +92,28 @@ def build_model(
     device: torch.device,
     max_positions: int | None = None,
     progress: bool = False,
+    quantize: str | None = None,
 ) -> CausalLM:
-    """Allocate the model directly in ``dtype`` on ``device`` and load the checkpoint's weights."""
+    """Allocate the model directly in ``dtype`` on ``device`` and load the checkpoint's weights.
+
+    ``quantize`` picks which linear layers keep group-quantized weights (see
+    :mod:`kiln.models.quantization_plan`); on a GPU, or a CPU kiln's kernels cannot run on,
+    weights are floats whatever it says.
+    """
     model_cls = MODEL_REGISTRY[config.model_type]
     with _default_dtype(dtype), device:
         model = model_cls(config, max_positions=max_positions)
+    plan = plan_quantization(model, quantize, checkpoint.weight_formats)
+    kernels = _kernels_for(plan, quantize, device)
+    if kernels is None:
+        plan = QuantizationPlan()
+    model.quantize_linears(plan.layers, kernels)
+    load = checkpoint.load_weights
+    if plan and checkpoint.load_quantized_weights is not None:
+        load = checkpoint.load_quantized_weights
     with torch.no_grad():
         weights = tqdm(
-            checkpoint.load_weights(),
+            load(),
             total=checkpoint.num_weights,
             desc="Loading weights",
             unit=" tensors",
@@ -88,6 +122,8 @@ def build_model(
             leave=False,
         )
         model.load_weights(weights, source=str(checkpoint.path))
+        if plan.tied_head is not None:
+            model.quantize_tied_head(plan.tied_head, kernels)
     if device.type == "cpu":
         model.prepare_for_cpu()
     model.convert_parameters_to_buffers()

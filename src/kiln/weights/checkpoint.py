@@ -10,7 +10,10 @@ from typing import Any
 import tokenizers
 import torch
 
+from kiln.quantization import GroupQuantized
+
 WeightIterator = Iterator[tuple[str, torch.Tensor]]
+QuantizedWeightIterator = Iterator[tuple[str, torch.Tensor | GroupQuantized]]
 
 
 @dataclass
@@ -34,6 +37,13 @@ class Checkpoint:
     load_weights: Callable[[], WeightIterator]
     """Yields ``(hf_parameter_name, tensor)`` pairs; called once, when the model is built."""
     generation_config: dict[str, Any] = field(default_factory=dict)
+    load_quantized_weights: Callable[[], QuantizedWeightIterator] | None = None
+    """Like ``load_weights``, but tensors stored quantized in a form kiln keeps (GGUF's Q4_0,
+    Q4_1, Q4_K, Q8_0) come as :class:`GroupQuantized`, never as floats; None for formats
+    without quantized tensors."""
+    weight_formats: dict[str, str] = field(default_factory=dict)
+    """How each tensor is stored, by Hugging Face name, where the format says (a GGUF file:
+    ``"Q4_1"``, ``"F32"``...); empty for float checkpoints."""
     num_weights: int | None = None
     """How many pairs ``load_weights`` yields, when the format says without reading tensors
     (safetensors headers, GGUF); the total of the loading progress bar."""

@@ -27,7 +27,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from kiln.errors import ModelLoadError
-from kiln.weights.checkpoint import Checkpoint, WeightIterator
+from kiln.quantization import GroupQuantized
+from kiln.weights.checkpoint import Checkpoint, QuantizedWeightIterator
+from kiln.weights.gguf_quantized import LOSSLESS_BITS, group_quantized
 from kiln.weights.gguf_tokenizer import build_tokenizer
 
 _MAGIC = b"GGUF"
@@ -127,7 +129,13 @@ def load_gguf(path: Path, name: str) -> Checkpoint:
         config=config,
         tokenizer=tokenizer,
         tokenizer_config=tokenizer_config,
-        load_weights=_weight_loader(gguf_file, config),
+        load_weights=_weight_loader(gguf_file, config, keep_quantized=False),
+        load_quantized_weights=_weight_loader(gguf_file, config, keep_quantized=True),
+        weight_formats={
+            name: t.qtype.name
+            for t in gguf_file.tensors
+            if (name := hf_tensor_name(t.name)) is not None
+        },
         generation_config=_generation_config(meta, config),
         num_weights=sum(hf_tensor_name(t.name) is not None for t in gguf_file.tensors),
     )
@@ -301,24 +309,50 @@ def _can_dequantize(qtype: GGMLQuantizationType) -> bool:
     return True
 
 
-def _weight_loader(gguf_file: GGUFFile, config: dict[str, Any]) -> Callable[[], WeightIterator]:
+def _weight_loader(
+    gguf_file: GGUFFile, config: dict[str, Any], keep_quantized: bool
+) -> Callable[[], QuantizedWeightIterator]:
     # llama.cpp reorders q/k rows for its rotary kernel only for the llama architecture.
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     permuted = config["model_type"] == "llama"
 
-    def load_weights() -> WeightIterator:
+    def load_weights() -> QuantizedWeightIterator:
         data = np.memmap(gguf_file.path, dtype=np.uint8, mode="r")
         for tensor in gguf_file.tensors:
             hf_name = hf_tensor_name(tensor.name)
             if hf_name is None:
                 continue
-            array = dequantize_tensor(data, tensor)
             kind = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else ""
-            if permuted and kind in heads:
-                array = unpermute_rotary(array, heads[kind])
+            num_heads = heads[kind] if permuted and kind in heads else None
+            quantized = _group_quantized(data, tensor) if keep_quantized else None
+            if quantized is not None:
+                if num_heads is not None:  # the permutation moves whole rows
+                    quantized = GroupQuantized(
+                        quantized.bits,
+                        *(
+                            None
+                            if t is None
+                            else torch.from_numpy(unpermute_rotary(t.numpy(), num_heads))
+                            for t in (quantized.codes, quantized.scales, quantized.offsets)
+                        ),
+                        source=quantized.source,
+                    )
+                yield hf_name, quantized
+                continue
+            array = dequantize_tensor(data, tensor)
+            if num_heads is not None:
+                array = unpermute_rotary(array, num_heads)
             yield hf_name, torch.from_numpy(array)
 
     return load_weights
+
+
+def _group_quantized(data: np.ndarray, tensor: GGUFTensorInfo) -> GroupQuantized | None:
+    """A 2-D tensor of a type kiln keeps quantized, read without a detour through floats."""
+    if tensor.qtype not in LOSSLESS_BITS or len(tensor.shape) != 2:
+        return None
+    raw = data[tensor.offset : tensor.offset + tensor.nbytes]
+    return group_quantized(raw.reshape(tensor.shape[0], -1), tensor.qtype)
 
 
 def dequantize_tensor(data: np.ndarray, tensor: GGUFTensorInfo) -> np.ndarray:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.kernels.native import CPUKernels
+
 
 @dataclass
 class SequenceAttention:
@@ -41,6 +43,13 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [num_tokens] cache slot for each new token
     sequences: list[SequenceAttention]
+    sliding_window: int | None = None
+    decode_slots: torch.Tensor | None = None
+    """When every sequence brings one token (a pure decode step): all their context slots,
+    concatenated in batch order, for one batched attention call (int64)."""
+    decode_starts: torch.Tensor | None = None
+    """``[num_sequences + 1]`` int64: sequence ``i`` owns ``decode_slots[starts[i]:starts[i+1]]``
+    (cumulative context lengths)."""
 
     @classmethod
     def build(
@@ -78,7 +87,21 @@ class AttentionMetadata:
             )
             query_start += new
         slot_mapping = torch.cat(slot_chunks) if slot_chunks else torch.empty(0, dtype=torch.long)
-        return cls(slot_mapping=slot_mapping, sequences=sequences)
+        metadata = cls(
+            slot_mapping=slot_mapping, sequences=sequences, sliding_window=sliding_window
+        )
+        if sequences and all(seq.num_query_tokens == 1 for seq in sequences):
+            metadata.decode_slots = torch.cat(
+                [
+                    torch.arange(s.kv_slots.start, s.kv_slots.stop, device=device)
+                    if isinstance(s.kv_slots, slice)
+                    else s.kv_slots
+                    for s in sequences
+                ]
+            )
+            lengths = torch.tensor([0] + [s.context_len for s in sequences], device=device)
+            metadata.decode_starts = lengths.cumsum(0)
+        return metadata
 
 
 def _context_slots(
@@ -119,6 +142,9 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.kernels: CPUKernels | None = None
+        """kiln's CPU kernels, set by :meth:`CausalLM.prepare_for_cpu` for float32 models:
+        a decode step then attends for every sequence in one call."""
 
     def forward(
         self,
@@ -131,6 +157,25 @@ class PagedAttention(nn.Module):
         # per-half advanced indexing: ~2 us vs ~4 us to write, ~4 us vs ~26 us to gather a
         # 100-token context (SmolLM2 shapes, 2 cores); they run once per layer per sequence.
         kv_cache.index_copy_(1, metadata.slot_mapping, kv)
+        return self.attend(q, kv_cache, metadata)
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_slots, num_kv_heads, head_dim], this step's included
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, num_heads * head_dim]
+        """Attention of this step's queries over caches that already hold this step's keys."""
+        if self.kernels is not None and metadata.decode_slots is not None:
+            out = self.kernels.decode_attention(
+                q.contiguous(),
+                kv_cache,
+                metadata.decode_slots,
+                metadata.decode_starts,
+                self.scale,
+                metadata.sliding_window or 0,
+            )
+            return out.view(-1, self.num_heads * self.head_dim)
         gqa = self.num_heads != self.num_kv_heads
         # NOTE: 4-D inputs: with 3-D ones CPU SDPA takes its slow math path (~4x slower).
         q = q.transpose(0, 1).unsqueeze(0)  # [1, H, T, D]

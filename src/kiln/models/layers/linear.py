@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.kernels.native import CPUKernels
+from kiln.quantization import GROUP_SIZE, GroupQuantized, quantize
+
 # Row counts the packed kernel is called with. NOTE: oneDNN keeps per-shape state for every
 # distinct row count it sees and never frees it (measured: calls with 1..400 rows on four
 # 3072x576 matrices grew RSS by ~1 GB). Padding rows up to these sizes (exact up to 8, then
@@ -19,6 +22,10 @@ _ROW_BUCKETS = (
 )
 _MAX_PACKED_ROWS = _ROW_BUCKETS[-1]
 _PACKING_BATCH_HINT = 16
+# From this many rows (prefill), a quantized layer dequantizes its weight and runs a float
+# matmul: the integer kernel is built for decode's few rows, and float GEMM wins on many
+# (TODO: measured crossover).
+_DEQUANTIZE_FROM_ROWS = 32
 
 
 def _row_bucket(num_rows: int) -> int:
@@ -49,15 +56,23 @@ class Linear(nn.Module):
     ``output_sizes`` names the row blocks of a fused projection (q/k/v, gate/up): the checkpoint
     stores them as separate tensors and the loader copies each into its rows, so one matmul
     replaces several (fewer kernel launches per token on the decode hot path).
+
+    After :meth:`quantize_to` (before loading), the layer keeps its weight group-quantized
+    (:mod:`kiln.quantization`): while loading as codes, scales and offsets (``qcodes``,
+    ``qscales``, ``qoffsets``), then packed into the buffer ``qblocks`` that kiln's native CPU
+    kernels (:mod:`kiln.kernels.native`) multiply with.
     """
 
     def __init__(self, in_features: int, output_sizes: list[int] | int, bias: bool = False) -> None:
         super().__init__()
         self.output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
         out_features = sum(self.output_sizes)
+        self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.packed_weight: torch.Tensor | None = None
+        self.bits: int | None = None
+        self._kernels: CPUKernels | None = None
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor) -> Linear:
@@ -67,7 +82,84 @@ class Linear(nn.Module):
         layer.weight.data = weight.detach()
         return layer
 
+    def quantize_to(self, bits: int, kernels: CPUKernels) -> None:
+        """Hold the weight group-quantized to ``bits`` (4 or 8) from now on; call before
+        loading. The float storage is dropped (it was allocated, never written)."""
+        out_features, in_features = self.weight_shape()
+        if in_features % GROUP_SIZE:
+            raise ValueError(f"in_features {in_features} is not a multiple of {GROUP_SIZE}")
+        groups = in_features // GROUP_SIZE
+        del self.weight
+        self.weight = None
+        code_dtype = torch.uint8 if bits == 4 else torch.int8
+        self.register_buffer("qcodes", torch.empty(out_features, in_features, dtype=code_dtype))
+        self.register_buffer("qscales", torch.empty(out_features, groups, dtype=torch.float32))
+        self.register_buffer(
+            "qoffsets",
+            torch.empty(out_features, groups, dtype=torch.float32) if bits == 4 else None,
+        )
+        self.register_buffer("qblocks", None)
+        self.bits = bits
+        self._kernels = kernels
+
+    def load_weight_rows(self, tensor: torch.Tensor | GroupQuantized, rows: slice) -> None:
+        """Copy a checkpoint tensor (float, or group-quantized from GGUF) into ``rows`` of the
+        weight, quantizing or dequantizing it to this layer's form."""
+        if self.bits is None:
+            if isinstance(tensor, GroupQuantized):
+                tensor = tensor.dequantize()
+            self.weight.data[rows].copy_(tensor)
+            return
+        if not isinstance(tensor, GroupQuantized) or tensor.bits != self.bits:
+            dense = tensor.dequantize() if isinstance(tensor, GroupQuantized) else tensor
+            tensor = quantize(dense, self.bits)
+        self.qcodes[rows].copy_(tensor.codes)
+        self.qscales[rows].copy_(tensor.scales)
+        if self.qoffsets is not None:
+            self.qoffsets[rows].copy_(tensor.offsets)
+
+    def weight_shape(self) -> tuple[int, int]:
+        """``[out, in]`` of the (logical) weight, whatever form it is stored in."""
+        return self.out_features, self.in_features
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as float32 ``[out, in]`` (dequantized if quantized; not while packed for
+        oneDNN, whose layout is opaque)."""
+        if self.bits is None:
+            return self.weight.float()
+        if self.qblocks is None:
+            raise RuntimeError("dense_weight() before finish_loading()")
+        return self._kernels.dequantize(self.bits, self.qblocks)
+
+    def finish_loading(self) -> None:
+        """Pack codes and float16 scales into the kernels' blocks (``cpu_kernels.c``): per
+        group of 32, int4 ``{d, m, 16 bytes of codes}`` (byte j: code j low, code j + 16
+        high), int8 ``{d, 32 codes}``; the unpacked loading buffers are dropped."""
+        if self.bits is None or self.qblocks is not None:
+            return
+        out_features, in_features = self.weight_shape()
+        groups = in_features // GROUP_SIZE
+        halves = [self.qscales] if self.bits == 8 else [self.qscales, self.qoffsets]
+        fields = [t.half().view(torch.uint8).view(out_features, groups, 2) for t in halves]
+        codes = self.qcodes.view(torch.uint8).view(out_features, groups, GROUP_SIZE)
+        if self.bits == 4:
+            codes = codes[..., : GROUP_SIZE // 2] | (codes[..., GROUP_SIZE // 2 :] << 4)
+        self.qblocks = torch.cat([*fields, codes], dim=-1).flatten(1).contiguous()
+        self.qcodes = self.qscales = self.qoffsets = None
+
+    def _quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float().contiguous()
+        if x.shape[0] >= _DEQUANTIZE_FROM_ROWS:
+            out = F.linear(x32, self._kernels.dequantize(self.bits, self.qblocks))
+        else:
+            out = self._kernels.linear(self.bits, x32, self.qblocks)
+        if self.bias is not None:
+            out += self.bias
+        return out.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        if self.bits is not None:
+            return self._quantized_forward(x)
         if self.packed_weight is None:
             return F.linear(x, self.weight, self.bias)
         num_rows = x.shape[0]

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.kernels.native import CPUKernels
+
 
 class RMSNorm(nn.Module):
     """Llama's RMSNorm, computed in float32 like the reference implementation."""
@@ -14,6 +16,20 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
         self.eps = eps
+        self.kernels: CPUKernels | None = None
+        """kiln's CPU kernels, set by :meth:`CausalLM.prepare_for_cpu` for float32 models."""
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``residual + x`` and its norm: (normed, new residual). With kiln's CPU kernels both
+        happen in one pass, in place (``x`` becomes the normed rows, ``residual`` the sum):
+        at one token, PyTorch's add and fused rms_norm cost ~20x their arithmetic."""
+        if self.kernels is not None and x.is_contiguous() and residual.is_contiguous():
+            self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
+        residual = residual + x
+        return self.forward(residual), residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:

@@ -66,6 +66,9 @@ class RotaryEmbedding(nn.Module):
         # [max_positions, rotary_dim // 2] each; non-persistent so they never hit a checkpoint.
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.fits_cpu_kernels = not interleaved and rotary_dim == head_dim
+        """kiln's fused rotary + cache-write kernel handles this layout (Llama's halves, every
+        dim rotated)."""
 
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype

@@ -1,0 +1,1 @@
+"""Native CPU kernels kiln compiles on first use (see :mod:`kiln.kernels.native`)."""

@@ -1,0 +1,287 @@
+/* kiln's CPU kernels (x86-64 with AVX2, FMA and F16C): group-quantized linear layers, and the
+ * small per-layer ops of a decode step.
+ *
+ * Quantized weights are rows of blocks, each block 32 consecutive input features:
+ *   int4: 20 bytes {float16 d, float16 m, 16 bytes of codes}   w = d * code + m, code 0..15
+ *         byte j holds code j in its low nibble and code j + 16 in its high one
+ *   int8: 34 bytes {float16 d, 32 signed codes}                w = d * code
+ * (ggml's Q4_1 and Q8_0 layouts: one stream of memory per row, scales beside their codes.)
+ * Activations are quantized per group of 32 to int16 on the fly (see quantize_activations), so
+ * each block's dot product runs on integers (vpmaddwd). Decode, one row of activations, is bound
+ * by streaming the weights, and these blocks stream the fewest bytes.
+ *
+ * Every function takes its thread count: OpenMP's is per calling thread, and the engine calls
+ * from its own thread, not the one torch.set_num_threads ran in.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define GROUP 32
+#define ROWS_AT_ONCE 4 /* activation rows that share one unpacked weight block */
+
+typedef struct {
+    uint16_t d, m;
+    uint8_t qs[GROUP / 2];
+} block_int4;
+
+typedef struct {
+    uint16_t d;
+    int8_t qs[GROUP];
+} __attribute__((packed)) block_int8;
+
+static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+static inline float hsum(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+}
+
+/* The 32 codes of a block as bytes, in order. */
+static inline __m256i int4_codes(const block_int4 *b) {
+    const __m128i packed = _mm_loadu_si128((const __m128i *)b->qs);
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+/* x [M][K] -> xq [M][K] int16, xd [M][G] scales (max |x| / 32767), xsum [M][G] float sums.
+ * 16-bit activations err by ~1e-5 of the group's largest value: far below what moves a greedy
+ * choice (int8 activations, llama.cpp's, err by ~0.4%, enough to flip SmolLM2's near-ties),
+ * while the dot products still run on integers (vpmaddwd). */
+static void quantize_activations(const float *x, int64_t M, int64_t K, int16_t *xq, float *xd,
+                                 float *xsum) {
+    const int64_t groups = M * (K / GROUP);
+    for (int64_t i = 0; i < groups; i++) {
+        const float *v = x + i * GROUP;
+        float amax = 0.0f, sum = 0.0f;
+        for (int j = 0; j < GROUP; j++) amax = fmaxf(amax, fabsf(v[j])), sum += v[j];
+        const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        for (int j = 0; j < GROUP; j++) xq[i * GROUP + j] = (int16_t)lrintf(v[j] * inv);
+        xd[i] = amax / 32767.0f;
+        xsum[i] = sum;
+    }
+}
+
+/* A block's 32 codes as two vectors of 16 int16 (codes 0..15, then 16..31), its scale and
+ * offset (0 for int8). */
+static inline void load_block(int bits, const void *w, int64_t index, __m256i codes[2],
+                              float *d, float *m) {
+    __m128i low, high;
+    if (bits == 4) {
+        const block_int4 *b = (const block_int4 *)w + index;
+        const __m128i packed = _mm_loadu_si128((const __m128i *)b->qs);
+        const __m128i mask = _mm_set1_epi8(0x0F);
+        low = _mm_and_si128(packed, mask);
+        high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+        codes[0] = _mm256_cvtepu8_epi16(low), codes[1] = _mm256_cvtepu8_epi16(high);
+        *d = half_to_float(b->d), *m = half_to_float(b->m);
+    } else {
+        const block_int8 *b = (const block_int8 *)w + index;
+        low = _mm_loadu_si128((const __m128i *)b->qs);
+        high = _mm_loadu_si128((const __m128i *)(b->qs + 16));
+        codes[0] = _mm256_cvtepi8_epi16(low), codes[1] = _mm256_cvtepi8_epi16(high);
+        *d = half_to_float(b->d), *m = 0.0f;
+    }
+}
+
+/* Output feature n for activation rows [m0, m0 + rows): each block is unpacked once and
+ * multiplied into every row. */
+static void output_feature(int bits, const void *w, int64_t n, int64_t G, const int16_t *xq,
+                           const float *xd, const float *xsum, int64_t m0, int rows, int64_t N,
+                           float *y) {
+    __m256 acc[ROWS_AT_ONCE];
+    float offsets[ROWS_AT_ONCE];
+    for (int r = 0; r < ROWS_AT_ONCE; r++) acc[r] = _mm256_setzero_ps(), offsets[r] = 0.0f;
+    const int64_t K = G * GROUP;
+    for (int64_t g = 0; g < G; g++) {
+        __m256i codes[2];
+        float d, m;
+        load_block(bits, w, n * G + g, codes, &d, &m);
+        for (int r = 0; r < rows; r++) {
+            const int64_t row = m0 + r;
+            const __m256i *xg = (const __m256i *)(xq + row * K + g * GROUP);
+            const __m256i dot = _mm256_add_epi32(
+                _mm256_madd_epi16(codes[0], _mm256_loadu_si256(xg)),
+                _mm256_madd_epi16(codes[1], _mm256_loadu_si256(xg + 1)));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[row * G + g]),
+                                     _mm256_cvtepi32_ps(dot), acc[r]);
+            offsets[r] += m * xsum[row * G + g];
+        }
+    }
+    for (int r = 0; r < rows; r++) y[(m0 + r) * N + n] = hsum(acc[r]) + offsets[r];
+}
+
+/* y [M][N] = x [M][K] @ W.T for a quantized W [N][K / 32 blocks] (activations in 16 bits, see
+ * quantize_activations). Returns 0, or -1 when the scratch memory cannot be allocated. */
+int kiln_quantized_linear(int bits, const float *x, int64_t M, int64_t K, const void *w,
+                          int64_t N, float *y, int threads) {
+    const int64_t G = K / GROUP;
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(M * K));
+    float *xd = malloc(sizeof(float) * (size_t)(M * G));
+    float *xsum = malloc(sizeof(float) * (size_t)(M * G));
+    if (!xq || !xd || !xsum) {
+        free(xq), free(xd), free(xsum);
+        return -1;
+    }
+    quantize_activations(x, M, K, xq, xd, xsum);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t m0 = 0; m0 < M; m0 += ROWS_AT_ONCE) {
+            const int rows = M - m0 < ROWS_AT_ONCE ? (int)(M - m0) : ROWS_AT_ONCE;
+            output_feature(bits, w, n, G, xq, xd, xsum, m0, rows, N, y);
+        }
+    }
+    free(xq), free(xd), free(xsum);
+    return 0;
+}
+
+/* out [N][K] = W as floats: for large batches (prefill), where a float matmul is faster. */
+void kiln_dequantize(int bits, const void *w, int64_t N, int64_t K, float *out, int threads) {
+    const int64_t G = K / GROUP;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < N * G; i++) {
+        float *o = out + i * GROUP;
+        if (bits == 4) {
+            const block_int4 *b = (const block_int4 *)w + i;
+            const float d = half_to_float(b->d), m = half_to_float(b->m);
+            for (int j = 0; j < GROUP / 2; j++) {
+                o[j] = d * (float)(b->qs[j] & 0x0F) + m;
+                o[j + GROUP / 2] = d * (float)(b->qs[j] >> 4) + m;
+            }
+        } else {
+            const block_int8 *b = (const block_int8 *)w + i;
+            const float d = half_to_float(b->d);
+            for (int j = 0; j < GROUP; j++) o[j] = d * (float)b->qs[j];
+        }
+    }
+}
+
+/* ---- decode-step helpers: the small per-layer ops whose PyTorch dispatch costs more than
+ * their arithmetic at one token (float32 only) ---------------------------------------------- */
+
+/* For each of `rows` rows: residual += x (when residual is given), then
+ * x = residual / rms(residual) * weight; without residual, x = x / rms(x) * weight.
+ * Llama's RMSNorm in float32, fused with the residual add before it (as vLLM's
+ * fused_add_rms_norm). */
+void kiln_add_rms_norm(float *x, float *residual, const float *weight, int64_t rows,
+                       int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *xr = x + r * dim;
+        float *src = xr;
+        if (residual) {
+            src = residual + r * dim;
+            for (int64_t i = 0; i < dim; i++) src[i] += xr[i];
+        }
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < dim; i++) squares += src[i] * src[i];
+        const float inv = 1.0f / sqrtf(squares / (float)dim + eps);
+        for (int64_t i = 0; i < dim; i++) xr[i] = src[i] * inv * weight[i];
+    }
+}
+
+/* One query token per sequence against its cached keys and values (a decode step), for a batch
+ * of sequences in one call.
+ *   q        [B][H][D]              this step's queries
+ *   cache    [2][slots][KV][D]      the layer's paged cache (keys, then values)
+ *   slots    [total context] int64  each sequence's cache slots in order, concatenated
+ *   starts   [B + 1] int64          sequence b's slots are slots[starts[b] .. starts[b+1])
+ *   window   attend to the last `window` tokens only (0: all)
+ *   out      [B][H][D]
+ * Heads share key/value heads in groups of H / KV (grouped-query attention). */
+int kiln_decode_attention(const float *q, const float *cache, int64_t num_slots,
+                          const int64_t *slots, const int64_t *starts, int64_t B, int64_t H,
+                          int64_t KV, int64_t D, float scale, int64_t window, float *out,
+                          int threads) {
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; b++)
+        if (starts[b + 1] - starts[b] > longest) longest = starts[b + 1] - starts[b];
+    const float *values = cache + num_slots * KV * D;
+    const int64_t group = H / KV;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(longest > 0 ? longest : 1));
+        if (!scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1) collapse(2)
+        for (int64_t b = 0; b < B; b++) {
+            for (int64_t h = 0; h < H; h++) {
+                if (!scores) continue;
+                int64_t first = starts[b], len = starts[b + 1] - starts[b];
+                if (window > 0 && len > window) first += len - window, len = window;
+                const int64_t kvh = h / group;
+                const float *qh = q + (b * H + h) * D;
+                float best = -INFINITY;
+                for (int64_t t = 0; t < len; t++) {
+                    const float *k = cache + (slots[first + t] * KV + kvh) * D;
+                    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                    for (int64_t i = 0; i < D; i++) dot += qh[i] * k[i];
+                    scores[t] = dot * scale;
+                    if (scores[t] > best) best = scores[t];
+                }
+                float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+                for (int64_t t = 0; t < len; t++) {
+                    scores[t] = expf(scores[t] - best);
+                    total += scores[t];
+                }
+                float *o = out + (b * H + h) * D;
+                for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
+                for (int64_t t = 0; t < len; t++) {
+                    const float p = scores[t] / total;
+                    const float *v = values + (slots[first + t] * KV + kvh) * D;
+                    for (int64_t i = 0; i < D; i++) o[i] += p * v[i];
+                }
+            }
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Rotate the query and key heads of this step's fused q/k/v rows in place (Llama's layout: dim
+ * i pairs with dim i + D/2, all D dims rotate), then write each token's keys and values to its
+ * cache slot.
+ *   qkv   [T][H + 2 KV][D]
+ *   cos, sin  [T][D]: the tables at full width (the first half of cos and the second half of
+ *         sin are the angles' cosines and sines; see RotaryEmbedding.cos_sin)
+ *   slots [T] int64; cache [2][num_slots][KV][D] */
+void kiln_rope_and_cache(float *qkv, int64_t T, int64_t H, int64_t KV, int64_t D,
+                         const float *cos, const float *sin, const int64_t *slots, float *cache,
+                         int64_t num_slots) {
+    const int64_t half = D / 2, width = (H + 2 * KV) * D;
+    for (int64_t t = 0; t < T; t++) {
+        float *row = qkv + t * width;
+        const float *c = cos + t * D, *s = sin + t * D + half;
+        for (int64_t head = 0; head < H + KV; head++) {
+            float *x = row + head * D;
+#pragma omp simd
+            for (int64_t i = 0; i < half; i++) {
+                const float a = x[i], b = x[i + half];
+                x[i] = a * c[i] - b * s[i];
+                x[i + half] = b * c[i] + a * s[i];
+            }
+        }
+        float *keys = cache + slots[t] * KV * D;
+        float *values = cache + (num_slots + slots[t]) * KV * D;
+        const float *k = row + H * D, *v = row + (H + KV) * D;
+        for (int64_t i = 0; i < KV * D; i++) keys[i] = k[i], values[i] = v[i];
+    }
+}
+
+/* out [T][I] = silu(gate) * up, where gate_up [T][2 I] holds gate then up (Llama's MLP). */
+void kiln_silu_mul(const float *gate_up, int64_t T, int64_t I, float *out) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gate_up + t * 2 * I, *u = g + I;
+        float *o = out + t * I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
