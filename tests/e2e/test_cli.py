@@ -475,7 +475,9 @@ def test_generate_help_lists_flags_with_docstring_help(help_runs):
         "(repeatable)",
         "--ignore-eos, --no-ignore-eos",
         "reads prompts from the terminal one line at a time until `exit`",
-        "--dtype DTYPE auto (the checkpoint's), float32, bfloat16 or float16. (default: auto)",
+        "--dtype DTYPE auto (the checkpoint's on a GPU; on a CPU bfloat16 where it has",
+        "float32, bfloat16 or float16. (default: auto)",
+        "--quantize QUANTIZE none, int8 or int4: group-wise quantized linear layers on the CPU",
     ):
         assert needle in text, needle
     # An unset flag's help says what happens instead; "(default: None)" would contradict it.

@@ -358,9 +358,22 @@ def test_bad_dtype_flag_keeps_its_message() -> None:
 
 @pytest.mark.parametrize(
     ("torch_dtype", "expected"),
-    [(None, torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float32)],
+    [(None, torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)],
 )
-def test_auto_follows_the_checkpoint(torch_dtype: str | None, expected: torch.dtype) -> None:
-    # float16 falls back to float32 on CPU.
+def test_auto_follows_the_checkpoint_on_a_gpu(
+    torch_dtype: str | None, expected: torch.dtype
+) -> None:
     config = ModelConfig.from_hf({**LLAMA, "torch_dtype": torch_dtype})
-    assert resolve_dtype("auto", config, CPU) == expected
+    assert resolve_dtype("auto", config, torch.device("cuda")) == expected
+
+
+@pytest.mark.parametrize("torch_dtype", [None, "float32", "bfloat16", "float16"])
+def test_auto_on_a_cpu_is_bfloat16_only_where_the_cpu_has_it(torch_dtype: str | None) -> None:
+    config = ModelConfig.from_hf({**LLAMA, "torch_dtype": torch_dtype})
+    assert resolve_dtype("auto", config, CPU, native_bf16=True) == torch.bfloat16
+    assert resolve_dtype("auto", config, CPU, native_bf16=False) == torch.float32
+    # Quantized layers compute in float32 whatever the CPU.
+    assert resolve_dtype("auto", config, CPU, native_bf16=True, quantized=True) == torch.float32
+    # An explicit dtype is kept (float16 still falls back on CPU).
+    assert resolve_dtype("bfloat16", config, CPU, native_bf16=False) == torch.bfloat16
+    assert resolve_dtype("float16", config, CPU, native_bf16=True) == torch.float32

@@ -134,3 +134,10 @@ def test_serve_engine_flags_reach_every_model_spec():
     assert spec.args.block_size == 32
     assert spec.args.enable_prefix_caching is False
     assert spec.args.max_num_seqs == EngineOptions().max_num_seqs == 64
+
+
+def test_serve_quantize_flag_reaches_the_model_spec():
+    args = vars(build_parser().parse_args(["serve", "--model", "/m/a", "--quantize", "int8"]))
+    models = ServedModels(**{k: args[k] for k in ("model", "dtype", "quantize", "device")})
+    (spec,), _ = model_specs(models)
+    assert spec.args.quantize == "int8"

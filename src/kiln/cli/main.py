@@ -8,7 +8,7 @@ import os
 import sys
 
 from kiln.cli.args import add_command, call_command
-from kiln.cli.bench import bench_generate, bench_offline
+from kiln.cli.bench import bench_cpu, bench_generate, bench_offline, bench_quality
 from kiln.cli.chat import chat
 from kiln.cli.generate import generate
 from kiln.cli.serve import serve
@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     benches = bench.add_subparsers(title="benchmarks", required=True, metavar="BENCH")
     add_command(benches, bench_generate, "generate")
     add_command(benches, bench_offline, "offline")
+    add_command(benches, bench_cpu, "cpu")
+    add_command(benches, bench_quality, "quality")
     return parser
 
 

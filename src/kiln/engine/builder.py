@@ -17,7 +17,9 @@ from kiln.engine.engine import Engine
 from kiln.engine.executor import InProcessExecutor
 from kiln.engine.kv_cache import allocate_kv_cache, num_kv_blocks
 from kiln.engine.runner import ModelRunner
+from kiln.kernels.native import cpu_kernels
 from kiln.models.loader import build_model, resolve_dtype
+from kiln.models.quantization_plan import quantizes
 from kiln.text.chat_template import ChatTemplate, load_chat_template
 from kiln.text.tokenizer import Tokenizer
 from kiln.weights.checkpoint import Checkpoint
@@ -79,7 +81,8 @@ def build_engine(args: EngineArgs, *, progress: bool = False) -> LoadedEngine:
     device = resolve_device(args.device)
     checkpoint = resolve_checkpoint(args.model)
     config = ModelConfig.from_hf(checkpoint.config, checkpoint.generation_config)
-    dtype = resolve_dtype(args.dtype, config, device)
+    quantized = quantizes(args.quantize, checkpoint.weight_formats) and cpu_kernels() is not None
+    dtype = resolve_dtype(args.dtype, config, device, quantized=quantized)
     max_model_len = min(
         args.max_model_len or config.max_position_embeddings, config.max_position_embeddings
     )

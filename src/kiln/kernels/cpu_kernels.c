@@ -6,9 +6,12 @@
  *         byte j holds code j in its low nibble and code j + 16 in its high one
  *   int8: 34 bytes {float16 d, 32 signed codes}                w = d * code
  * (ggml's Q4_1 and Q8_0 layouts: one stream of memory per row, scales beside their codes.)
- * Activations are quantized per group of 32 to int16 on the fly (see quantize_activations), so
- * each block's dot product runs on integers (vpmaddwd). Decode, one row of activations, is bound
- * by streaming the weights, and these blocks stream the fewest bytes.
+ * One row of activations (a single decode) is quantized per group of 32 to int16 on the fly (see
+ * quantize_activations), so each block's dot product runs on integers (vpmaddwd): that step is
+ * bound by streaming the weights, and these blocks stream the fewest bytes. Several rows (a batch
+ * of decodes, a short prefill) are multiplied in float: each block is dequantized once into
+ * registers and FMA'd into every row. Either way results match a float matmul over the
+ * dequantized weights to ~1e-4, so which path computed a token does not change it.
  *
  * Every function takes its thread count: OpenMP's is per calling thread, and the engine calls
  * from its own thread, not the one torch.set_num_threads ran in.
@@ -19,7 +22,6 @@
 #include <stdlib.h>
 
 #define GROUP 32
-#define ROWS_AT_ONCE 4 /* activation rows that share one unpacked weight block */
 
 typedef struct {
     uint16_t d, m;
@@ -87,55 +89,113 @@ static inline void load_block(int bits, const void *w, int64_t index, __m256i co
     }
 }
 
-/* Output feature n for activation rows [m0, m0 + rows): each block is unpacked once and
- * multiplied into every row. */
-static void output_feature(int bits, const void *w, int64_t n, int64_t G, const int16_t *xq,
-                           const float *xd, const float *xsum, int64_t m0, int rows, int64_t N,
-                           float *y) {
-    __m256 acc[ROWS_AT_ONCE];
-    float offsets[ROWS_AT_ONCE];
-    for (int r = 0; r < ROWS_AT_ONCE; r++) acc[r] = _mm256_setzero_ps(), offsets[r] = 0.0f;
-    const int64_t K = G * GROUP;
-    for (int64_t g = 0; g < G; g++) {
-        __m256i codes[2];
-        float d, m;
-        load_block(bits, w, n * G + g, codes, &d, &m);
-        for (int r = 0; r < rows; r++) {
-            const int64_t row = m0 + r;
-            const __m256i *xg = (const __m256i *)(xq + row * K + g * GROUP);
-            const __m256i dot = _mm256_add_epi32(
-                _mm256_madd_epi16(codes[0], _mm256_loadu_si256(xg)),
-                _mm256_madd_epi16(codes[1], _mm256_loadu_si256(xg + 1)));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[row * G + g]),
-                                     _mm256_cvtepi32_ps(dot), acc[r]);
-            offsets[r] += m * xsum[row * G + g];
-        }
+/* A block's 32 weights as four vectors of 8 floats (d * code + m: the exact dequantized values). */
+static inline void block_weights(int bits, const void *w, int64_t index, __m256 out[4]) {
+    __m256i codes[2];
+    float d, m;
+    load_block(bits, w, index, codes, &d, &m);
+    const __m256 scale = _mm256_set1_ps(d), offset = _mm256_set1_ps(m);
+    for (int half = 0; half < 2; half++) {
+        const __m128i low = _mm256_castsi256_si128(codes[half]);
+        const __m128i high = _mm256_extracti128_si256(codes[half], 1);
+        out[2 * half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(low)), scale,
+                                        offset);
+        out[2 * half + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(high)),
+                                            scale, offset);
     }
-    for (int r = 0; r < rows; r++) y[(m0 + r) * N + n] = hsum(acc[r]) + offsets[r];
 }
 
-/* y [M][N] = x [M][K] @ W.T for a quantized W [N][K / 32 blocks] (activations in 16 bits, see
- * quantize_activations). Returns 0, or -1 when the scratch memory cannot be allocated. */
+/* Output feature n for ROWS float activation rows from m0: each
+ * block is dequantized once into registers and multiplied into every row with float FMAs. For a
+ * batch of decodes this beats integer dot products, whose per-block conversions and scalings
+ * are paid once per row, and it is exact up to float rounding. ROWS is a compile-time constant
+ * in each caller, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void float_rows(int bits, const void *w, int64_t n,
+                                                             int64_t G, const float *x,
+                                                             int64_t m0, const int ROWS,
+                                                             int64_t N, float *y) {
+    __m256 acc[8];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+    const int64_t K = G * GROUP;
+    for (int64_t g = 0; g < G; g++) {
+        __m256 wv[4];
+        block_weights(bits, w, n * G + g, wv);
+        for (int r = 0; r < ROWS; r++) {
+            const float *xg = x + (m0 + r) * K + g * GROUP;
+            __m256 a = acc[r];
+            for (int i = 0; i < 4; i++) a = _mm256_fmadd_ps(wv[i], _mm256_loadu_ps(xg + 8 * i), a);
+            acc[r] = a;
+        }
+    }
+    for (int r = 0; r < ROWS; r++) y[(m0 + r) * N + n] = hsum(acc[r]);
+}
+
+/* Output feature n for all M rows, in chunks of 8, 4, 2 and 1 rows. */
+static void float_feature(int bits, const void *w, int64_t n, int64_t G, const float *x,
+                          int64_t M, int64_t N, float *y) {
+    int64_t m0 = 0;
+    for (; m0 + 8 <= M; m0 += 8) float_rows(bits, w, n, G, x, m0, 8, N, y);
+    if (m0 + 4 <= M) float_rows(bits, w, n, G, x, m0, 4, N, y), m0 += 4;
+    if (m0 + 2 <= M) float_rows(bits, w, n, G, x, m0, 2, N, y), m0 += 2;
+    if (m0 < M) float_rows(bits, w, n, G, x, m0, 1, N, y);
+}
+
+/* Output feature n for a single activation row (decode): two blocks a step into two
+ * accumulators, so consecutive blocks' arithmetic overlaps instead of waiting on one chain. */
+static float single_row_feature(int bits, const void *w, int64_t n, int64_t G, const int16_t *xq,
+                                const float *xd, const float *xsum) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float offset = 0.0f;
+    int64_t g = 0;
+    for (; g + 1 < G; g += 2) {
+        __m256i c0[2], c1[2];
+        float d0, m0, d1, m1;
+        load_block(bits, w, n * G + g, c0, &d0, &m0);
+        load_block(bits, w, n * G + g + 1, c1, &d1, &m1);
+        const __m256i *x0 = (const __m256i *)(xq + g * GROUP), *x1 = x0 + 2;
+        const __m256i p0 = _mm256_add_epi32(_mm256_madd_epi16(c0[0], _mm256_loadu_si256(x0)),
+                                            _mm256_madd_epi16(c0[1], _mm256_loadu_si256(x0 + 1)));
+        const __m256i p1 = _mm256_add_epi32(_mm256_madd_epi16(c1[0], _mm256_loadu_si256(x1)),
+                                            _mm256_madd_epi16(c1[1], _mm256_loadu_si256(x1 + 1)));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * xd[g]), _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * xd[g + 1]), _mm256_cvtepi32_ps(p1), acc1);
+        offset += m0 * xsum[g] + m1 * xsum[g + 1];
+    }
+    for (; g < G; g++) {
+        __m256i c0[2];
+        float d0, m0;
+        load_block(bits, w, n * G + g, c0, &d0, &m0);
+        const __m256i *x0 = (const __m256i *)(xq + g * GROUP);
+        const __m256i p0 = _mm256_add_epi32(_mm256_madd_epi16(c0[0], _mm256_loadu_si256(x0)),
+                                            _mm256_madd_epi16(c0[1], _mm256_loadu_si256(x0 + 1)));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * xd[g]), _mm256_cvtepi32_ps(p0), acc0);
+        offset += m0 * xsum[g];
+    }
+    return hsum(_mm256_add_ps(acc0, acc1)) + offset;
+}
+
+/* y [M][N] = x [M][K] @ W.T for a quantized W [N][K / 32 blocks]: int16 activations for one
+ * row, float for more. Returns 0, or -1 when the scratch memory cannot be allocated. */
 int kiln_quantized_linear(int bits, const float *x, int64_t M, int64_t K, const void *w,
                           int64_t N, float *y, int threads) {
     const int64_t G = K / GROUP;
-    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(M * K));
-    float *xd = malloc(sizeof(float) * (size_t)(M * G));
-    float *xsum = malloc(sizeof(float) * (size_t)(M * G));
-    if (!xq || !xd || !xsum) {
-        free(xq), free(xd), free(xsum);
-        return -1;
-    }
-    quantize_activations(x, M, K, xq, xd, xsum);
+    if (M > 1) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t m0 = 0; m0 < M; m0 += ROWS_AT_ONCE) {
-            const int rows = M - m0 < ROWS_AT_ONCE ? (int)(M - m0) : ROWS_AT_ONCE;
-            output_feature(bits, w, n, G, xq, xd, xsum, m0, rows, N, y);
-        }
+        for (int64_t n = 0; n < N; n++) float_feature(bits, w, n, G, x, M, N, y);
+        return 0;
+    }
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)K);
+    float *xd = malloc(sizeof(float) * (size_t)G);
+    float *xsum = malloc(sizeof(float) * (size_t)G);
+    int status = -1;
+    if (xq && xd && xsum) {
+        quantize_activations(x, 1, K, xq, xd, xsum);
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) y[n] = single_row_feature(bits, w, n, G, xq, xd, xsum);
+        status = 0;
     }
     free(xq), free(xd), free(xsum);
-    return 0;
+    return status;
 }
 
 /* out [N][K] = W as floats: for large batches (prefill), where a float matmul is faster. */
@@ -284,4 +344,74 @@ void kiln_silu_mul(const float *gate_up, int64_t T, int64_t I, float *out) {
 #pragma omp simd
         for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
+}
+
+/* ---- a whole Llama decoder layer for a decode step, in one call ----------------------------
+ * Python's per-op dispatch costs ~10-30 us per call, about as much as the arithmetic of one
+ * decode token at SmolLM2's size; this runs the layer's nine ops (norm, q/k/v, rotary and cache
+ * write, attention, o, add + norm, gate/up, silu * up, down) without returning to Python. */
+
+typedef struct {
+    int bits;
+    const void *blocks;
+} quantized_weight;
+
+/* rows [B][E]: out = x / rms(x) * weight */
+static void rms_norm_rows(const float *x, const float *weight, int64_t B, int64_t E, float eps,
+                          float *out) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *xr = x + b * E;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < E; i++) squares += xr[i] * xr[i];
+        const float inv = 1.0f / sqrtf(squares / (float)E + eps);
+        for (int64_t i = 0; i < E; i++) out[b * E + i] = xr[i] * inv * weight[i];
+    }
+}
+
+int kiln_llama_decode_layer(float *hidden, float *residual, int first_layer, const float *norm1,
+                            const float *norm2, float eps, int qkv_bits, const void *qkv,
+                            const float *qkv_bias, int o_bits, const void *o, int gate_up_bits,
+                            const void *gate_up, int down_bits, const void *down, int64_t B,
+                            int64_t E, int64_t H, int64_t KV, int64_t D, int64_t I,
+                            const float *cos, const float *sin, const int64_t *new_slots,
+                            float *cache, int64_t num_slots, const int64_t *slots,
+                            const int64_t *starts, float scale, int64_t window, int threads) {
+    const int64_t width = (H + 2 * KV) * D;
+    float *normed = malloc(sizeof(float) * (size_t)(B * E));
+    float *qkv_out = malloc(sizeof(float) * (size_t)(B * width));
+    float *q = malloc(sizeof(float) * (size_t)(B * H * D));
+    float *attn = malloc(sizeof(float) * (size_t)(B * H * D));
+    float *gu = malloc(sizeof(float) * (size_t)(B * 2 * I));
+    float *act = malloc(sizeof(float) * (size_t)(B * I));
+    int status = -1;
+    if (!normed || !qkv_out || !q || !attn || !gu || !act) goto done;
+
+    if (first_layer) {
+        for (int64_t i = 0; i < B * E; i++) residual[i] = hidden[i];
+    } else {
+        for (int64_t i = 0; i < B * E; i++) residual[i] += hidden[i];
+    }
+    rms_norm_rows(residual, norm1, B, E, eps, normed);
+    if (kiln_quantized_linear(qkv_bits, normed, B, E, qkv, width, qkv_out, threads)) goto done;
+    if (qkv_bias)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < width; i++) qkv_out[b * width + i] += qkv_bias[i];
+    kiln_rope_and_cache(qkv_out, B, H, KV, D, cos, sin, new_slots, cache, num_slots);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < H * D; i++) q[b * H * D + i] = qkv_out[b * width + i];
+    if (kiln_decode_attention(q, cache, num_slots, slots, starts, B, H, KV, D, scale, window,
+                              attn, threads))
+        goto done;
+    if (kiln_quantized_linear(o_bits, attn, B, H * D, o, E, hidden, threads)) goto done;
+    for (int64_t i = 0; i < B * E; i++) residual[i] += hidden[i];
+    rms_norm_rows(residual, norm2, B, E, eps, normed);
+    if (kiln_quantized_linear(gate_up_bits, normed, B, E, gate_up, 2 * I, gu, threads))
+        goto done;
+    kiln_silu_mul(gu, B, I, act);
+    if (kiln_quantized_linear(down_bits, act, B, I, down, E, hidden, threads)) goto done;
+    status = 0;
+done:
+    free(normed), free(qkv_out), free(q), free(attn), free(gu), free(act);
+    return status;
 }

@@ -55,6 +55,12 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_has_native_bf16() -> bool:
+    """The CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), where bfloat16 compute beats
+    float32; elsewhere PyTorch converts bfloat16 to float32 around every multiply."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 class CPUKernels:
     """ctypes bindings of the compiled library; tensors must be contiguous and on the CPU
     (float32 where a dtype is not said)."""
@@ -88,6 +94,38 @@ class CPUKernels:
         self._silu_mul = library.kiln_silu_mul
         self._silu_mul.restype = None
         self._silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        self.llama_decode_layer = library.kiln_llama_decode_layer
+        """The C function itself (see cpu_kernels.c): its caller prepares the constant
+        arguments of each layer once, as its per-token cost is the point."""
+        self.llama_decode_layer.restype = ctypes.c_int
+        self.llama_decode_layer.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,  # hidden, residual, first layer
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_float,  # norms, eps
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,  # q/k/v bits, blocks, bias
+            ctypes.c_int,
+            ctypes.c_void_p,  # o
+            ctypes.c_int,
+            ctypes.c_void_p,  # gate/up
+            ctypes.c_int,
+            ctypes.c_void_p,  # down
+            *[ctypes.c_int64] * 6,  # B, E, H, KV, D, I
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,  # cos, sin, new slots
+            ctypes.c_void_p,
+            ctypes.c_int64,  # cache, its slots
+            ctypes.c_void_p,
+            ctypes.c_void_p,  # context slots, starts
+            ctypes.c_float,
+            ctypes.c_int64,
+            ctypes.c_int,  # scale, window, threads
+        ]
         self._dequantize = library.kiln_dequantize
         self._dequantize.restype = None
         self._dequantize.argtypes = [

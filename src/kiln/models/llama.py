@@ -158,6 +158,11 @@ class LlamaForCausalLM(CausalLM):
         # Tied models read the embedding matrix as their head, unless packing gives the head
         # its own (faster) copy.
         self.lm_head: Linear | None = None
+        self.fused_decode = True
+        """Run a decode step's layers as one native call each where they qualify (quantized
+        linear layers, float32, kiln's CPU kernels); False keeps the op-by-op path."""
+        self._fused_args: list[tuple] | None = None
+        self._fused_kernels: CPUKernels | None = None
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
@@ -171,12 +176,102 @@ class LlamaForCausalLM(CausalLM):
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         rotary = self.model.rotary
         cos_sin = rotary.cos_sin(positions, x.dtype)
+        if (
+            self.fused_decode
+            and attn_metadata.decode_slots is not None
+            and self._fused_decode_layers(kv_caches)
+        ):
+            return self._fused_decode(x, cos_sin, kv_caches, attn_metadata)
         # NOTE: the decode hot path calls ``.forward`` directly: nn.Module.__call__'s hook
         # handling costs a few microseconds per call, ~10 calls per layer per step.
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer.forward(x, residual, cos_sin, rotary, kv_cache, attn_metadata)
         return self.model.norm.add_forward(x, residual)[0]
+
+    def _fused_decode_layers(self, kv_caches: list[torch.Tensor]) -> bool:
+        """Whether a decode step can run each layer as one native call, preparing the layers'
+        constant arguments (weight and cache pointers, fixed once loaded) on first use."""
+        if self._fused_args is None:
+            self._fused_args = self._prepare_fused_args(kv_caches) or []
+        return bool(self._fused_args)
+
+    def _prepare_fused_args(self, kv_caches: list[torch.Tensor]) -> list[tuple] | None:
+        layers = self.model.layers
+        kernels = layers[0].self_attn.attn.kernels
+        config = self.config
+        if kernels is None or not self.model.rotary.fits_cpu_kernels:
+            return None  # not a float32 CPU model with kiln's kernels, or another rotary
+        if config.hidden_act != "silu" or config.mlp_bias:
+            return None
+        if not all(c.is_contiguous() and c.dtype == torch.float32 for c in kv_caches):
+            return None
+        args = []
+        for layer, cache in zip(layers, kv_caches, strict=True):
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if any(linear.bits is None for linear in linears):
+                return None  # float layers take the PyTorch path
+            bias = attn.qkv_proj.bias
+            args.append(
+                (
+                    layer.input_layernorm.weight.data_ptr(),
+                    layer.post_attention_layernorm.weight.data_ptr(),
+                    layer.input_layernorm.eps,
+                    attn.qkv_proj.bits,
+                    attn.qkv_proj.qblocks.data_ptr(),
+                    None if bias is None else bias.data_ptr(),
+                    attn.o_proj.bits,
+                    attn.o_proj.qblocks.data_ptr(),
+                    mlp.gate_up_proj.bits,
+                    mlp.gate_up_proj.qblocks.data_ptr(),
+                    mlp.down_proj.bits,
+                    mlp.down_proj.qblocks.data_ptr(),
+                    cache,  # kept referenced: its pointer is passed each step
+                )
+            )
+        self._fused_kernels = kernels
+        return args
+
+    def _fused_decode(
+        self,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_caches: list[torch.Tensor],
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Every layer of a decode step as one call into ``kiln_llama_decode_layer``."""
+        config, attn = self.config, self.model.layers[0].self_attn
+        hidden = x.contiguous()
+        residual = torch.empty_like(hidden)
+        cos, sin = (t.contiguous() for t in cos_sin)
+        step = (
+            hidden.shape[0],
+            config.hidden_size,
+            attn.num_heads,
+            attn.num_kv_heads,
+            attn.head_dim,
+            config.intermediate_size,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            metadata.slot_mapping.data_ptr(),
+        )
+        tail = (
+            metadata.decode_slots.data_ptr(),
+            metadata.decode_starts.data_ptr(),
+            attn.attn.scale,
+            metadata.sliding_window or 0,
+            torch.get_num_threads(),
+        )
+        call = self._fused_kernels.llama_decode_layer
+        h, r = hidden.data_ptr(), residual.data_ptr()
+        for index, (*weights, cache) in enumerate(self._fused_args):
+            status = call(
+                h, r, index == 0, *weights, *step, cache.data_ptr(), cache.shape[1], *tail
+            )
+            if status != 0:
+                raise MemoryError("kiln_llama_decode_layer could not allocate its scratch memory")
+        return self.model.norm.add_forward(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from kiln.config import ModelConfig
 from kiln.errors import ConfigError, ModelLoadError
-from kiln.kernels.native import CPUKernels, cpu_kernels
+from kiln.kernels.native import CPUKernels, cpu_has_native_bf16, cpu_kernels
 from kiln.models.base import CausalLM
 from kiln.models.quantization_plan import QuantizationPlan, plan_quantization
 from kiln.models.registry import MODEL_REGISTRY
@@ -32,8 +32,18 @@ DTYPES = {
 }
 
 
-def resolve_dtype(requested: str, config: ModelConfig, device: torch.device) -> torch.dtype:
-    """``auto`` follows config.json's ``torch_dtype`` (float32 when absent, as for GGUF).
+def resolve_dtype(
+    requested: str,
+    config: ModelConfig,
+    device: torch.device,
+    *,
+    quantized: bool = False,
+    native_bf16: bool | None = None,
+) -> torch.dtype:
+    """``auto`` follows config.json's ``torch_dtype`` (float32 when absent, as for GGUF), except
+    on a CPU: there it is bfloat16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or
+    AMX; ``native_bf16``, probed when None) and float32 elsewhere, and float32 for a quantized
+    model, whose kernels compute in float32.
 
     float16 on CPU falls back to float32: CPU kernels for it are slow and some are missing.
     """
@@ -46,6 +56,10 @@ def resolve_dtype(requested: str, config: ModelConfig, device: torch.device) -> 
                 f"config.json: {config.torch_dtype_key} {name!r} is not supported; "
                 "use --dtype float32, bfloat16 or float16"
             )
+        if device.type == "cpu":
+            if native_bf16 is None:
+                native_bf16 = cpu_has_native_bf16()
+            name = "bfloat16" if native_bf16 and not quantized else "float32"
     elif requested in DTYPES:
         name = requested
     else:

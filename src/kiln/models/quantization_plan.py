@@ -73,3 +73,13 @@ def plan_quantization(
         else:
             plan.tied_head = 8
     return plan
+
+
+def quantizes(quantize: str | None, weight_formats: dict[str, str]) -> bool:
+    """Whether ``quantize`` keeps any layer quantized for a checkpoint stored as
+    ``weight_formats`` (before a model exists to plan for)."""
+    if quantize in ("int8", "int4"):
+        return True
+    if quantize == "none":
+        return False
+    return _bits_for_formats(list(weight_formats.values())) is not None

@@ -24,7 +24,8 @@ _MAX_PACKED_ROWS = _ROW_BUCKETS[-1]
 _PACKING_BATCH_HINT = 16
 # From this many rows (prefill), a quantized layer dequantizes its weight and runs a float
 # matmul: the integer kernel is built for decode's few rows, and float GEMM wins on many
-# (TODO: measured crossover).
+# (SmolLM2's 120 body matrices, 2 cores: kernel 54 ms vs dequantize + matmul 95 ms at 16 rows,
+# 112 vs 109 at 32, 232 vs 146 at 64). Both give the same values up to float rounding.
 _DEQUANTIZE_FROM_ROWS = 32
 
 
