@@ -39,7 +39,12 @@ bench: install
 	$(BIN)/kiln bench generate
 
 # kiln vs llama.cpp on CPU; the first run builds llama.cpp's llama-server (10-30 minutes).
+# llama.cpp is a benchmark-only peer: llama-cpp-python builds from source (~20 minutes on
+# 2 cores) the first time; the benchmark builds llama-server from the same sources once.
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+
 bench-cpu: install
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install -q $(LLAMA_CPP_PYTHON)
 	$(BIN)/kiln bench cpu
 
 clean:

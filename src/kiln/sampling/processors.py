@@ -163,16 +163,22 @@ def sample_from_probs(
 ) -> torch.Tensor:
     """One token per row, ``[N]`` long, drawn from ``probs`` with the row's own generator.
 
-    NOTE: an exponential race (argmax of p / E, E ~ Exp(1)) draws exactly from ``probs``, like
-    torch.multinomial, but needs no host sync and draws a fixed V numbers per row, so a seeded
-    row's stream depends only on its own seed and step, never on the other rows in the batch.
+    NOTE: inverse transform sampling: one uniform number per row, located in the row's
+    cumulative distribution (float64, so 49k small probabilities add up without drift). It
+    draws exactly from ``probs``, needs no host sync, and takes a fixed one number per row, so a
+    seeded row's stream depends only on its own seed and step, never on the other rows. (An
+    exponential race drew V numbers per row instead: ~2 ms a token for SmolLM2's 49k vocabulary
+    on a CPU, a fifth of its decode step.)
     """
-    noise = torch.empty_like(probs)
+    uniform = torch.empty(probs.shape[0], 1, dtype=torch.float64, device=probs.device)
     seeded = [i for i, g in enumerate(generators) if g is not None]
     if len(seeded) < len(generators):
-        noise.exponential_()  # unseeded rows share the global RNG
+        uniform.uniform_()  # unseeded rows share the global RNG
     for i in seeded:
-        noise[i].exponential_(generator=generators[i])
-    # exponential_ may return exactly 0; p / 0 would be inf (or NaN for a masked p == 0).
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-    return (probs / noise).argmax(dim=-1)
+        uniform[i].uniform_(generator=generators[i])
+    cumulative = probs.double().cumsum(dim=-1)  # [N, V]
+    targets = uniform * cumulative[:, -1:]
+    # The first token whose cumulative probability passes the target: zero-probability tokens
+    # (masked by top-k/top-p) have empty intervals and are never picked.
+    tokens = torch.searchsorted(cumulative, targets, right=True).squeeze(-1)
+    return tokens.clamp_(max=probs.shape[-1] - 1)
