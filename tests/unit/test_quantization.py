@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kiln import LLM, EngineArgs
+from kiln import LLM, EngineArgs, SamplingParams
 from kiln.errors import ConfigError
 from kiln.kernels import native
 from kiln.kernels.native import cpu_kernels
@@ -155,3 +155,22 @@ def test_without_the_kernels_weights_stay_float(stories_dir: Path, monkeypatch, 
         cpu_kernels.cache_clear()
     assert all(layer.bits is None for layer in llm.model.linear_layers().values())
     assert "floating point" in caplog.text
+
+
+def test_a_failed_kernel_build_keeps_weights_float_and_says_why(
+    stories_dir: Path, tmp_path, monkeypatch, caplog
+):
+    # A compiler that fails (as on a machine without a working gcc): no crash, float weights.
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    cpu_kernels.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            llm = LLM(str(stories_dir), device="cpu", kv_cache_memory=1 << 20, quantize="int8")
+            answer = llm.generate("Once upon a time", SamplingParams(max_new_tokens=4))
+    finally:
+        cpu_kernels.cache_clear()
+    assert all(layer.bits is None for layer in llm.model.linear_layers().values())
+    assert len(answer[0].token_ids) == 4
+    assert "could not build kiln's CPU kernels" in caplog.text
+    assert not list((tmp_path / "kernels").glob("*.so"))

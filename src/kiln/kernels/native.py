@@ -270,7 +270,12 @@ def cpu_kernels() -> CPUKernels | None:
     try:
         return CPUKernels(ctypes.CDLL(str(_build(compiler, flags))))
     except (OSError, subprocess.CalledProcessError) as e:
-        logger.warning("could not build kiln's CPU kernels (%s): weights run in floating point", e)
+        detail = (getattr(e, "stderr", None) or "").strip()[-2000:]  # the compiler's own words
+        logger.warning(
+            "could not build kiln's CPU kernels (%s%s): weights run in floating point",
+            e,
+            f": {detail}" if detail else "",
+        )
         return None
 
 
