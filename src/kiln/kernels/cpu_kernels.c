@@ -222,25 +222,29 @@ void kiln_dequantize(int bits, const void *w, int64_t N, int64_t K, float *out, 
 /* ---- decode-step helpers: the small per-layer ops whose PyTorch dispatch costs more than
  * their arithmetic at one token (float32 only) ---------------------------------------------- */
 
+/* rows [B][E]: out = x / rms(x) * weight */
+static void rms_norm_rows(const float *x, const float *weight, int64_t B, int64_t E, float eps,
+                          float *out) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *xr = x + b * E;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < E; i++) squares += xr[i] * xr[i];
+        const float inv = 1.0f / sqrtf(squares / (float)E + eps);
+        for (int64_t i = 0; i < E; i++) out[b * E + i] = xr[i] * inv * weight[i];
+    }
+}
+
 /* For each of `rows` rows: residual += x (when residual is given), then
  * x = residual / rms(residual) * weight; without residual, x = x / rms(x) * weight.
  * Llama's RMSNorm in float32, fused with the residual add before it (as vLLM's
  * fused_add_rms_norm). */
 void kiln_add_rms_norm(float *x, float *residual, const float *weight, int64_t rows,
                        int64_t dim, float eps) {
-    for (int64_t r = 0; r < rows; r++) {
-        float *xr = x + r * dim;
-        float *src = xr;
-        if (residual) {
-            src = residual + r * dim;
-            for (int64_t i = 0; i < dim; i++) src[i] += xr[i];
-        }
-        float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-        for (int64_t i = 0; i < dim; i++) squares += src[i] * src[i];
-        const float inv = 1.0f / sqrtf(squares / (float)dim + eps);
-        for (int64_t i = 0; i < dim; i++) xr[i] = src[i] * inv * weight[i];
-    }
+    if (residual)
+        for (int64_t i = 0; i < rows * dim; i++) residual[i] += x[i];
+    /* Each element is read before it is written, so normalising in place is safe. */
+    rms_norm_rows(residual ? residual : x, weight, rows, dim, eps, x);
 }
 
 /* One query token per sequence against its cached keys and values (a decode step), for a batch
@@ -355,19 +359,6 @@ typedef struct {
     int bits;
     const void *blocks;
 } quantized_weight;
-
-/* rows [B][E]: out = x / rms(x) * weight */
-static void rms_norm_rows(const float *x, const float *weight, int64_t B, int64_t E, float eps,
-                          float *out) {
-    for (int64_t b = 0; b < B; b++) {
-        const float *xr = x + b * E;
-        float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-        for (int64_t i = 0; i < E; i++) squares += xr[i] * xr[i];
-        const float inv = 1.0f / sqrtf(squares / (float)E + eps);
-        for (int64_t i = 0; i < E; i++) out[b * E + i] = xr[i] * inv * weight[i];
-    }
-}
 
 int kiln_llama_decode_layer(float *hidden, float *residual, int first_layer, const float *norm1,
                             const float *norm2, float eps, int qkv_bits, const void *qkv,

@@ -59,7 +59,7 @@ class CausalLM(nn.Module, abc.ABC):
         mismatch, or a parameter the checkpoint never provided.
         """
         params = dict(self.named_parameters())
-        linears = {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
+        linears = self.linear_layers()
         expected = set(params) | {f"{name}.weight" for name in linears}
         missing = {name: set(range(_num_shards(self, name))) for name in expected}
         ignored = [re.compile(p) for p in self.ignored_weights]
@@ -85,10 +85,10 @@ class CausalLM(nn.Module, abc.ABC):
                 if shard is not None:  # a fused layer's bias: the shard's rows
                     target = target[linears[owner].shard_rows(shard)]
                 target_shape = tuple(target.shape)
-            if tuple(target_shape) != tuple(tensor.shape):
+            if target_shape != tuple(tensor.shape):
                 raise ModelLoadError(
                     f"{source}: weight {hf_name!r} has shape {tuple(tensor.shape)}, the config "
-                    f"implies {tuple(target_shape)}"
+                    f"implies {target_shape}"
                 )
             if layer is not None:
                 layer.load_weight_rows(tensor, rows)
