@@ -1,5 +1,5 @@
-"""Quantized Llama-family models: a decode step run as one native call per layer gives the same
-tokens as the op-by-op path, and int8 weights stay close to the float model.
+"""Quantized Llama-family models: a decode step run as one native call for all layers gives the
+same tokens as the op-by-op path, and int8 weights stay close to the float model.
 
 Random checkpoints of the shapes in test_models.py (64 wide, MLP 96: whole groups of 32), for
 each Llama-family variant: tied embeddings, q/k/v biases (Qwen2), a sliding window (Mistral,

@@ -15,9 +15,16 @@
  *
  * Every function takes its thread count: OpenMP's is per calling thread, and the engine calls
  * from its own thread, not the one torch.set_num_threads ran in.
+ *
+ * The `*_team` functions hold only orphaned worksharing constructs (`omp for`, `omp single`):
+ * called inside a parallel region every thread of the team takes its share, called outside one
+ * a single thread does all of it. The exported functions open one parallel region around them;
+ * kiln_llama_decode opens one for a whole decode step, so the threads stay awake across layers
+ * instead of being forked and joined ~150 times a token.
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -175,23 +182,31 @@ static float single_row_feature(int bits, const void *w, int64_t n, int64_t G, c
 }
 
 /* y [M][N] = x [M][K] @ W.T for a quantized W [N][K / 32 blocks]: int16 activations for one
- * row, float for more. Returns 0, or -1 when the scratch memory cannot be allocated. */
-int kiln_quantized_linear(int bits, const float *x, int64_t M, int64_t K, const void *w,
-                          int64_t N, float *y, int threads) {
+ * row, float for more. xq [K], xd and xsum [K / 32] are the single row's scratch. */
+static void linear_team(int bits, const float *x, int64_t M, int64_t K, const void *w, int64_t N,
+                        float *y, int16_t *xq, float *xd, float *xsum) {
     const int64_t G = K / GROUP;
     if (M > 1) {
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) float_feature(bits, w, n, G, x, M, N, y);
-        return 0;
+        return;
     }
+#pragma omp single
+    quantize_activations(x, 1, K, xq, xd, xsum);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) y[n] = single_row_feature(bits, w, n, G, xq, xd, xsum);
+}
+
+/* linear_team on its own. Returns 0, or -1 when the scratch memory cannot be allocated. */
+int kiln_quantized_linear(int bits, const float *x, int64_t M, int64_t K, const void *w,
+                          int64_t N, float *y, int threads) {
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)K);
-    float *xd = malloc(sizeof(float) * (size_t)G);
-    float *xsum = malloc(sizeof(float) * (size_t)G);
+    float *xd = malloc(sizeof(float) * (size_t)(K / GROUP));
+    float *xsum = malloc(sizeof(float) * (size_t)(K / GROUP));
     int status = -1;
     if (xq && xd && xsum) {
-        quantize_activations(x, 1, K, xq, xd, xsum);
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) y[n] = single_row_feature(bits, w, n, G, xq, xd, xsum);
+#pragma omp parallel num_threads(threads)
+        linear_team(bits, x, M, K, w, N, y, xq, xd, xsum);
         status = 0;
     }
     free(xq), free(xd), free(xsum);
@@ -247,6 +262,13 @@ void kiln_add_rms_norm(float *x, float *residual, const float *weight, int64_t r
     rms_norm_rows(residual ? residual : x, weight, rows, dim, eps, x);
 }
 
+static int64_t longest_context(const int64_t *starts, int64_t B) {
+    int64_t longest = 1;
+    for (int64_t b = 0; b < B; b++)
+        if (starts[b + 1] - starts[b] > longest) longest = starts[b + 1] - starts[b];
+    return longest;
+}
+
 /* One query token per sequence against its cached keys and values (a decode step), for a batch
  * of sequences in one call.
  *   q        [B][H][D]              this step's queries
@@ -255,59 +277,60 @@ void kiln_add_rms_norm(float *x, float *residual, const float *weight, int64_t r
  *   starts   [B + 1] int64          sequence b's slots are slots[starts[b] .. starts[b+1])
  *   window   attend to the last `window` tokens only (0: all)
  *   out      [B][H][D]
- * Heads share key/value heads in groups of H / KV (grouped-query attention). */
+ * Heads share key/value heads in groups of H / KV (grouped-query attention).
+ *   scores   [threads][longest context] scratch, a row per thread of the team */
+static void attention_team(const float *q, const float *cache, int64_t num_slots,
+                           const int64_t *slots, const int64_t *starts, int64_t B, int64_t H,
+                           int64_t KV, int64_t D, float scale, int64_t window, float *out,
+                           float *scores_all, int64_t longest) {
+    const float *values = cache + num_slots * KV * D;
+    const int64_t group = H / KV;
+    float *scores = scores_all + (int64_t)omp_get_thread_num() * longest;
+#pragma omp for schedule(dynamic, 1) collapse(2)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < H; h++) {
+            int64_t first = starts[b], len = starts[b + 1] - starts[b];
+            if (window > 0 && len > window) first += len - window, len = window;
+            const int64_t kvh = h / group;
+            const float *qh = q + (b * H + h) * D;
+            float best = -INFINITY;
+            for (int64_t t = 0; t < len; t++) {
+                const float *k = cache + (slots[first + t] * KV + kvh) * D;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t i = 0; i < D; i++) dot += qh[i] * k[i];
+                scores[t] = dot * scale;
+                if (scores[t] > best) best = scores[t];
+            }
+            float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+            for (int64_t t = 0; t < len; t++) {
+                scores[t] = expf(scores[t] - best);
+                total += scores[t];
+            }
+            float *o = out + (b * H + h) * D;
+            for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
+            for (int64_t t = 0; t < len; t++) {
+                const float p = scores[t] / total;
+                const float *v = values + (slots[first + t] * KV + kvh) * D;
+                for (int64_t i = 0; i < D; i++) o[i] += p * v[i];
+            }
+        }
+    }
+}
+
 int kiln_decode_attention(const float *q, const float *cache, int64_t num_slots,
                           const int64_t *slots, const int64_t *starts, int64_t B, int64_t H,
                           int64_t KV, int64_t D, float scale, int64_t window, float *out,
                           int threads) {
-    int64_t longest = 0;
-    for (int64_t b = 0; b < B; b++)
-        if (starts[b + 1] - starts[b] > longest) longest = starts[b + 1] - starts[b];
-    const float *values = cache + num_slots * KV * D;
-    const int64_t group = H / KV;
-    int failed = 0;
+    const int64_t longest = longest_context(starts, B);
+    float *scores = malloc(sizeof(float) * (size_t)(longest * threads));
+    if (!scores) return -1;
 #pragma omp parallel num_threads(threads)
-    {
-        float *scores = malloc(sizeof(float) * (size_t)(longest > 0 ? longest : 1));
-        if (!scores) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(dynamic, 1) collapse(2)
-        for (int64_t b = 0; b < B; b++) {
-            for (int64_t h = 0; h < H; h++) {
-                if (!scores) continue;
-                int64_t first = starts[b], len = starts[b + 1] - starts[b];
-                if (window > 0 && len > window) first += len - window, len = window;
-                const int64_t kvh = h / group;
-                const float *qh = q + (b * H + h) * D;
-                float best = -INFINITY;
-                for (int64_t t = 0; t < len; t++) {
-                    const float *k = cache + (slots[first + t] * KV + kvh) * D;
-                    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                    for (int64_t i = 0; i < D; i++) dot += qh[i] * k[i];
-                    scores[t] = dot * scale;
-                    if (scores[t] > best) best = scores[t];
-                }
-                float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-                for (int64_t t = 0; t < len; t++) {
-                    scores[t] = expf(scores[t] - best);
-                    total += scores[t];
-                }
-                float *o = out + (b * H + h) * D;
-                for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
-                for (int64_t t = 0; t < len; t++) {
-                    const float p = scores[t] / total;
-                    const float *v = values + (slots[first + t] * KV + kvh) * D;
-                    for (int64_t i = 0; i < D; i++) o[i] += p * v[i];
-                }
-            }
-        }
-        free(scores);
-    }
-    return failed ? -1 : 0;
+    attention_team(q, cache, num_slots, slots, starts, B, H, KV, D, scale, window, out, scores,
+                   longest);
+    free(scores);
+    return 0;
 }
 
 /* Rotate the query and key heads of this step's fused q/k/v rows in place (Llama's layout: dim
@@ -350,59 +373,90 @@ void kiln_silu_mul(const float *gate_up, int64_t T, int64_t I, float *out) {
     }
 }
 
-/* ---- a whole Llama decoder layer for a decode step, in one call ----------------------------
+/* ---- a whole decode step of a Llama model, in one call -----------------------------------
  * Python's per-op dispatch costs ~10-30 us per call, about as much as the arithmetic of one
- * decode token at SmolLM2's size; this runs the layer's nine ops (norm, q/k/v, rotary and cache
- * write, attention, o, add + norm, gate/up, silu * up, down) without returning to Python. */
+ * decode token at SmolLM2's size; this runs every layer's nine ops (norm, q/k/v, rotary and
+ * cache write, attention, o, add + norm, gate/up, silu * up, down) without returning to Python,
+ * inside one parallel region. */
 
 typedef struct {
-    int bits;
-    const void *blocks;
-} quantized_weight;
+    const float *norm1, *norm2;
+    int qkv_bits;
+    const void *qkv;
+    const float *qkv_bias; /* NULL: none */
+    int o_bits;
+    const void *o;
+    int gate_up_bits;
+    const void *gate_up;
+    int down_bits;
+    const void *down;
+    float *cache; /* [2][num_slots][KV][D] */
+} kiln_llama_layer;
 
-int kiln_llama_decode_layer(float *hidden, float *residual, int first_layer, const float *norm1,
-                            const float *norm2, float eps, int qkv_bits, const void *qkv,
-                            const float *qkv_bias, int o_bits, const void *o, int gate_up_bits,
-                            const void *gate_up, int down_bits, const void *down, int64_t B,
-                            int64_t E, int64_t H, int64_t KV, int64_t D, int64_t I,
-                            const float *cos, const float *sin, const int64_t *new_slots,
-                            float *cache, int64_t num_slots, const int64_t *slots,
-                            const int64_t *starts, float scale, int64_t window, int threads) {
+/* hidden [B][E] holds the embeddings on entry and the last layer's output on return, residual
+ * [B][E] the residual stream before the final norm (the caller adds and normalises). */
+int kiln_llama_decode(float *hidden, float *residual, const kiln_llama_layer *layers,
+                      int64_t num_layers, float eps, int64_t B, int64_t E, int64_t H, int64_t KV,
+                      int64_t D, int64_t I, const float *cos, const float *sin,
+                      const int64_t *new_slots, int64_t num_slots, const int64_t *slots,
+                      const int64_t *starts, float scale, int64_t window, int threads) {
     const int64_t width = (H + 2 * KV) * D;
+    const int64_t widest = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D);
+    const int64_t longest = longest_context(starts, B);
     float *normed = malloc(sizeof(float) * (size_t)(B * E));
     float *qkv_out = malloc(sizeof(float) * (size_t)(B * width));
     float *q = malloc(sizeof(float) * (size_t)(B * H * D));
     float *attn = malloc(sizeof(float) * (size_t)(B * H * D));
     float *gu = malloc(sizeof(float) * (size_t)(B * 2 * I));
     float *act = malloc(sizeof(float) * (size_t)(B * I));
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)widest);
+    float *xd = malloc(sizeof(float) * (size_t)(widest / GROUP));
+    float *xsum = malloc(sizeof(float) * (size_t)(widest / GROUP));
+    float *scores = malloc(sizeof(float) * (size_t)(longest * threads));
     int status = -1;
-    if (!normed || !qkv_out || !q || !attn || !gu || !act) goto done;
+    if (!normed || !qkv_out || !q || !attn || !gu || !act || !xq || !xd || !xsum || !scores)
+        goto done;
 
-    if (first_layer) {
-        for (int64_t i = 0; i < B * E; i++) residual[i] = hidden[i];
-    } else {
-        for (int64_t i = 0; i < B * E; i++) residual[i] += hidden[i];
+#pragma omp parallel num_threads(threads)
+    for (int64_t l = 0; l < num_layers; l++) {
+        const kiln_llama_layer *layer = layers + l;
+#pragma omp single
+        {
+            if (l == 0) {
+                for (int64_t i = 0; i < B * E; i++) residual[i] = hidden[i];
+            } else {
+                for (int64_t i = 0; i < B * E; i++) residual[i] += hidden[i];
+            }
+            rms_norm_rows(residual, layer->norm1, B, E, eps, normed);
+        }
+        linear_team(layer->qkv_bits, normed, B, E, layer->qkv, width, qkv_out, xq, xd, xsum);
+#pragma omp single
+        {
+            if (layer->qkv_bias)
+                for (int64_t b = 0; b < B; b++)
+                    for (int64_t i = 0; i < width; i++)
+                        qkv_out[b * width + i] += layer->qkv_bias[i];
+            kiln_rope_and_cache(qkv_out, B, H, KV, D, cos, sin, new_slots, layer->cache,
+                                num_slots);
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t i = 0; i < H * D; i++) q[b * H * D + i] = qkv_out[b * width + i];
+        }
+        attention_team(q, layer->cache, num_slots, slots, starts, B, H, KV, D, scale, window,
+                       attn, scores, longest);
+        linear_team(layer->o_bits, attn, B, H * D, layer->o, E, hidden, xq, xd, xsum);
+#pragma omp single
+        {
+            for (int64_t i = 0; i < B * E; i++) residual[i] += hidden[i];
+            rms_norm_rows(residual, layer->norm2, B, E, eps, normed);
+        }
+        linear_team(layer->gate_up_bits, normed, B, E, layer->gate_up, 2 * I, gu, xq, xd, xsum);
+#pragma omp single
+        kiln_silu_mul(gu, B, I, act);
+        linear_team(layer->down_bits, act, B, I, layer->down, E, hidden, xq, xd, xsum);
     }
-    rms_norm_rows(residual, norm1, B, E, eps, normed);
-    if (kiln_quantized_linear(qkv_bits, normed, B, E, qkv, width, qkv_out, threads)) goto done;
-    if (qkv_bias)
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t i = 0; i < width; i++) qkv_out[b * width + i] += qkv_bias[i];
-    kiln_rope_and_cache(qkv_out, B, H, KV, D, cos, sin, new_slots, cache, num_slots);
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < H * D; i++) q[b * H * D + i] = qkv_out[b * width + i];
-    if (kiln_decode_attention(q, cache, num_slots, slots, starts, B, H, KV, D, scale, window,
-                              attn, threads))
-        goto done;
-    if (kiln_quantized_linear(o_bits, attn, B, H * D, o, E, hidden, threads)) goto done;
-    for (int64_t i = 0; i < B * E; i++) residual[i] += hidden[i];
-    rms_norm_rows(residual, norm2, B, E, eps, normed);
-    if (kiln_quantized_linear(gate_up_bits, normed, B, E, gate_up, 2 * I, gu, threads))
-        goto done;
-    kiln_silu_mul(gu, B, I, act);
-    if (kiln_quantized_linear(down_bits, act, B, I, down, E, hidden, threads)) goto done;
     status = 0;
 done:
     free(normed), free(qkv_out), free(q), free(attn), free(gu), free(act);
+    free(xq), free(xd), free(xsum), free(scores);
     return status;
 }

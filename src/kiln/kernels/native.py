@@ -61,6 +61,26 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
+class LlamaLayer(ctypes.Structure):
+    """One decoder layer's constant arguments to ``kiln_llama_decode`` (``kiln_llama_layer``
+    in cpu_kernels.c): norm weights, each linear layer's bits and blocks, the layer's cache."""
+
+    _fields_ = (
+        ("norm1", ctypes.c_void_p),
+        ("norm2", ctypes.c_void_p),
+        ("qkv_bits", ctypes.c_int),
+        ("qkv", ctypes.c_void_p),
+        ("qkv_bias", ctypes.c_void_p),
+        ("o_bits", ctypes.c_int),
+        ("o", ctypes.c_void_p),
+        ("gate_up_bits", ctypes.c_int),
+        ("gate_up", ctypes.c_void_p),
+        ("down_bits", ctypes.c_int),
+        ("down", ctypes.c_void_p),
+        ("cache", ctypes.c_void_p),
+    )
+
+
 class CPUKernels:
     """ctypes bindings of the compiled library; tensors must be contiguous and on the CPU
     (float32 where a dtype is not said)."""
@@ -94,32 +114,21 @@ class CPUKernels:
         self._silu_mul = library.kiln_silu_mul
         self._silu_mul.restype = None
         self._silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-        self.llama_decode_layer = library.kiln_llama_decode_layer
-        """The C function itself (see cpu_kernels.c): its caller prepares the constant
-        arguments of each layer once, as its per-token cost is the point."""
-        self.llama_decode_layer.restype = ctypes.c_int
-        self.llama_decode_layer.argtypes = [
+        self.llama_decode = library.kiln_llama_decode
+        """The C function itself (see cpu_kernels.c): its caller prepares the layers' constant
+        arguments (a :class:`LlamaLayer` array) once, as its per-token cost is the point."""
+        self.llama_decode.restype = ctypes.c_int
+        self.llama_decode.argtypes = [
             ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,  # hidden, residual, first layer
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_float,  # norms, eps
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,  # q/k/v bits, blocks, bias
-            ctypes.c_int,
-            ctypes.c_void_p,  # o
-            ctypes.c_int,
-            ctypes.c_void_p,  # gate/up
-            ctypes.c_int,
-            ctypes.c_void_p,  # down
+            ctypes.c_void_p,  # hidden, residual
+            ctypes.POINTER(LlamaLayer),
+            ctypes.c_int64,
+            ctypes.c_float,  # layers, how many, eps
             *[ctypes.c_int64] * 6,  # B, E, H, KV, D, I
             ctypes.c_void_p,
             ctypes.c_void_p,
             ctypes.c_void_p,  # cos, sin, new slots
-            ctypes.c_void_p,
-            ctypes.c_int64,  # cache, its slots
+            ctypes.c_int64,  # the caches' slots
             ctypes.c_void_p,
             ctypes.c_void_p,  # context slots, starts
             ctypes.c_float,

@@ -5,12 +5,14 @@ They differ only in config: attention bias, sliding window, rope theta/scaling.
 
 from __future__ import annotations
 
+from ctypes import Array
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig
-from kiln.kernels.native import CPUKernels
+from kiln.kernels.native import CPUKernels, LlamaLayer
 from kiln.models.base import CausalLM
 from kiln.models.layers.attention import AttentionMetadata, PagedAttention
 from kiln.models.layers.linear import Linear, cpu_packing_available
@@ -159,9 +161,10 @@ class LlamaForCausalLM(CausalLM):
         # its own (faster) copy.
         self.lm_head: Linear | None = None
         self.fused_decode = True
-        """Run a decode step's layers as one native call each where they qualify (quantized
-        linear layers, float32, kiln's CPU kernels); False keeps the op-by-op path."""
-        self._fused_args: list[tuple] | None = None
+        """Run a decode step's layers in one native call where they qualify (quantized linear
+        layers, float32, kiln's CPU kernels); False keeps the op-by-op path."""
+        self._fused_args: Array[LlamaLayer] | None = None
+        self._fused_caches: list[torch.Tensor | None] = [None]
         self._fused_kernels: CPUKernels | None = None
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
@@ -190,13 +193,16 @@ class LlamaForCausalLM(CausalLM):
         return self.model.norm.add_forward(x, residual)[0]
 
     def _fused_decode_layers(self, kv_caches: list[torch.Tensor]) -> bool:
-        """Whether a decode step can run each layer as one native call, preparing the layers'
-        constant arguments (weight and cache pointers, fixed once loaded) on first use."""
-        if self._fused_args is None:
-            self._fused_args = self._prepare_fused_args(kv_caches) or []
-        return bool(self._fused_args)
+        """Whether a decode step can run as one native call, preparing the layers' constant
+        arguments (weight and cache pointers, fixed once loaded) on first use."""
+        if kv_caches[0] is not self._fused_caches[0]:
+            self._fused_args = self._prepare_fused_args(kv_caches)
+            # NOTE: the arguments hold the caches' raw pointers: the caches stay referenced
+            # here so their memory lives as long as the pointers do (weights live in modules).
+            self._fused_caches = list(kv_caches)
+        return self._fused_args is not None
 
-    def _prepare_fused_args(self, kv_caches: list[torch.Tensor]) -> list[tuple] | None:
+    def _prepare_fused_args(self, kv_caches: list[torch.Tensor]) -> Array[LlamaLayer] | None:
         layers = self.model.layers
         kernels = layers[0].self_attn.attn.kernels
         config = self.config
@@ -206,30 +212,24 @@ class LlamaForCausalLM(CausalLM):
             return None
         if not all(c.is_contiguous() and c.dtype == torch.float32 for c in kv_caches):
             return None
-        args = []
-        for layer, cache in zip(layers, kv_caches, strict=True):
+        if len({c.shape for c in kv_caches}) != 1:
+            return None  # one slot count for every layer's cache
+        args = (LlamaLayer * len(layers))()
+        for arg, layer, cache in zip(args, layers, kv_caches, strict=True):
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
             if any(linear.bits is None for linear in linears):
                 return None  # float layers take the PyTorch path
             bias = attn.qkv_proj.bias
-            args.append(
-                (
-                    layer.input_layernorm.weight.data_ptr(),
-                    layer.post_attention_layernorm.weight.data_ptr(),
-                    layer.input_layernorm.eps,
-                    attn.qkv_proj.bits,
-                    attn.qkv_proj.qblocks.data_ptr(),
-                    None if bias is None else bias.data_ptr(),
-                    attn.o_proj.bits,
-                    attn.o_proj.qblocks.data_ptr(),
-                    mlp.gate_up_proj.bits,
-                    mlp.gate_up_proj.qblocks.data_ptr(),
-                    mlp.down_proj.bits,
-                    mlp.down_proj.qblocks.data_ptr(),
-                    cache,  # kept referenced: its pointer is passed each step
-                )
-            )
+            arg.norm1 = layer.input_layernorm.weight.data_ptr()
+            arg.norm2 = layer.post_attention_layernorm.weight.data_ptr()
+            arg.qkv_bits, arg.qkv = attn.qkv_proj.bits, attn.qkv_proj.qblocks.data_ptr()
+            arg.qkv_bias = None if bias is None else bias.data_ptr()
+            arg.o_bits, arg.o = attn.o_proj.bits, attn.o_proj.qblocks.data_ptr()
+            arg.gate_up_bits = mlp.gate_up_proj.bits
+            arg.gate_up = mlp.gate_up_proj.qblocks.data_ptr()
+            arg.down_bits, arg.down = mlp.down_proj.bits, mlp.down_proj.qblocks.data_ptr()
+            arg.cache = cache.data_ptr()
         self._fused_kernels = kernels
         return args
 
@@ -240,12 +240,17 @@ class LlamaForCausalLM(CausalLM):
         kv_caches: list[torch.Tensor],
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        """Every layer of a decode step as one call into ``kiln_llama_decode_layer``."""
+        """Every layer of a decode step in one call into ``kiln_llama_decode``."""
         config, attn = self.config, self.model.layers[0].self_attn
-        hidden = x.contiguous()
+        hidden = x.contiguous()  # [B, hidden]: the embeddings in, the last layer's output out
         residual = torch.empty_like(hidden)
         cos, sin = (t.contiguous() for t in cos_sin)
-        step = (
+        status = self._fused_kernels.llama_decode(
+            hidden.data_ptr(),
+            residual.data_ptr(),
+            self._fused_args,
+            len(self._fused_args),
+            self.model.layers[0].input_layernorm.eps,
             hidden.shape[0],
             config.hidden_size,
             attn.num_heads,
@@ -255,22 +260,15 @@ class LlamaForCausalLM(CausalLM):
             cos.data_ptr(),
             sin.data_ptr(),
             metadata.slot_mapping.data_ptr(),
-        )
-        tail = (
+            kv_caches[0].shape[1],
             metadata.decode_slots.data_ptr(),
             metadata.decode_starts.data_ptr(),
             attn.attn.scale,
             metadata.sliding_window or 0,
             torch.get_num_threads(),
         )
-        call = self._fused_kernels.llama_decode_layer
-        h, r = hidden.data_ptr(), residual.data_ptr()
-        for index, (*weights, cache) in enumerate(self._fused_args):
-            status = call(
-                h, r, index == 0, *weights, *step, cache.data_ptr(), cache.shape[1], *tail
-            )
-            if status != 0:
-                raise MemoryError("kiln_llama_decode_layer could not allocate its scratch memory")
+        if status != 0:
+            raise MemoryError("kiln_llama_decode could not allocate its scratch memory")
         return self.model.norm.add_forward(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
