@@ -11,6 +11,8 @@ from kiln.cli.args import add_command, call_command
 from kiln.cli.bench import bench_cpu, bench_generate, bench_offline, bench_quality
 from kiln.cli.chat import chat
 from kiln.cli.generate import generate
+from kiln.cli.loadtest import add_loadtest_commands
+from kiln.cli.plan import plan
 from kiln.cli.serve import serve
 
 
@@ -23,12 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(commands, generate)
     add_command(commands, chat)
     add_command(commands, serve)
+    add_command(commands, plan)
     bench = commands.add_parser("bench", help="benchmarks that print ratios against a peer")
     benches = bench.add_subparsers(title="benchmarks", required=True, metavar="BENCH")
     add_command(benches, bench_generate, "generate")
     add_command(benches, bench_offline, "offline")
     add_command(benches, bench_cpu, "cpu")
     add_command(benches, bench_quality, "quality")
+    add_loadtest_commands(benches)  # serve, compare, locustfile
     return parser
 
 

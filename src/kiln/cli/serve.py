@@ -86,6 +86,7 @@ def serve(
     models_config: str | None = None,
     switch_wait_seconds: float = 30.0,
     shutdown_timeout: float = 30.0,
+    chat_db: str | None = None,
 ) -> int:
     """Serve a model over HTTP: TGI routes (/generate, /generate_stream, /info...) and
     OpenAI routes (/v1/chat/completions, /v1/completions, /v1/models); with several models,
@@ -105,6 +106,8 @@ def serve(
         switch_wait_seconds: how long a request that arrives during a model switch waits for
             the next model before a 503 with Retry-After.
         shutdown_timeout: seconds in-flight requests get to finish on SIGTERM.
+        chat_db: the SQLite file of the web chat's conversations (the page at /); default:
+            kiln/chat.sqlite3 under $XDG_DATA_HOME or ~/.local/share.
     """
     import torch
 
@@ -112,6 +115,7 @@ def serve(
     from kiln.llm import LLM
     from kiln.server.app import create_app
     from kiln.serving.models import ModelManager
+    from kiln.store.paths import default_chat_db
 
     config = ServerConfig(
         host=host,
@@ -122,6 +126,7 @@ def serve(
         api_key=api_key,
         shutdown_timeout=shutdown_timeout,
         model_id=model_id,
+        chat_db=str(chat_db or default_chat_db()),
     )
     specs, default = model_specs(model, models_config, model_id, **engine.as_options())
     for device in {s.options.get("device") for s in specs} - {None}:

@@ -22,6 +22,7 @@ class ServerConfig:
         max_body_bytes: largest request body accepted (413 beyond it).
         shutdown_timeout: seconds in-flight requests get to finish on SIGTERM.
         model_id: the name clients see (default: what --model was).
+        chat_db: the web chat's SQLite file (None: kept in memory, lost at shutdown).
     """
 
     host: str = "127.0.0.1"
@@ -33,6 +34,7 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
     shutdown_timeout: float = 30.0
     model_id: str | None = None
+    chat_db: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

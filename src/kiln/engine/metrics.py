@@ -1,7 +1,13 @@
 """Engine metrics: counters and histograms updated each step, plus a snapshot of gauges.
 
-The server renders these in Prometheus' text format; buckets follow vLLM's choices so the
-dashboards people already have keep working.
+The server exports these through ``prometheus_client`` at scrape time
+(:mod:`kiln.serving.metrics`); buckets follow vLLM's choices so the dashboards people already
+have keep working.
+
+NOTE: plain numbers here rather than ``prometheus_client`` metrics: the engine also runs without
+a server (``LLM``), where in ``prometheus_client``'s multiprocess mode every metric object would
+write a memory-mapped file; the Python API reads ``count``, ``total`` and ``quantile`` from them;
+and they belong to one engine, so a model switch starts them from zero.
 """
 
 from __future__ import annotations

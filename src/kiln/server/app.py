@@ -14,11 +14,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kiln import __version__
 from kiln.config.server import ServerConfig
 from kiln.llm import LLM
+from kiln.server.chat import install_chat
 from kiln.server.errors import error_response, install_error_handlers
 from kiln.serving.models import ModelManager
 from kiln.serving.service import Serving
 
 UNAUTHENTICATED_PATHS = frozenset({"/health"})
+
+
+def _is_public_page(method: str, path: str) -> bool:
+    """The chat page (``GET /``) and its assets (``GET /ui/...``).
+
+    NOTE: they hold no data (the page asks for the API key and sends it with its API calls),
+    and a browser must load them without the key. GET only: ``POST /`` is TGI's generate.
+    """
+    return method in ("GET", "HEAD") and (path == "/" or path.startswith("/ui/"))
 
 
 def create_app(model: LLM | ModelManager, config: ServerConfig | None = None) -> FastAPI:
@@ -37,12 +47,14 @@ def create_app(model: LLM | ModelManager, config: ServerConfig | None = None) ->
             yield
         finally:
             serving.stop()
+            chat_store.close()
 
     app = FastAPI(title="kiln", version=__version__, lifespan=lifespan)
     app.state.serving = serving
     install_error_handlers(app)
     _install_guards(app, config)
     _include_routers(app)
+    chat_store = install_chat(app, config.chat_db)
     return app
 
 
@@ -145,7 +157,9 @@ class _Guard:
         await self.app(scope, receive, send)
 
     def _refusal(self, request: Request) -> Response | None:
-        if self.expected is not None and request.url.path not in UNAUTHENTICATED_PATHS:
+        path = request.url.path
+        public = path in UNAUTHENTICATED_PATHS or _is_public_page(request.method, path)
+        if self.expected is not None and not public:
             # NOTE: RFC 7235: the scheme is case-insensitive ("bearer" is as good as "Bearer").
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             # NOTE: constant-time comparison, so response timing does not leak the key.

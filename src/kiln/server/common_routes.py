@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 
 from kiln.server.errors import TGIRoute
@@ -22,5 +22,7 @@ async def health(serving: ServingDep) -> Response:
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(serving: ServingDep) -> Response:
-    return Response(serving.render_metrics(), media_type="text/plain; version=0.0.4")
+async def metrics(serving: ServingDep, request: Request) -> Response:
+    """Prometheus' text format, or OpenMetrics when the ``Accept`` header asks for it."""
+    body, content_type = serving.render_metrics(request.headers.get("accept"))
+    return Response(body, headers={"Content-Type": content_type})

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from kiln.config.server import ServerConfig
 from kiln.serving.generation import Generation
 from kiln.serving.limits import ContextWindow, Seats
-from kiln.serving.metrics import RequestMetrics, render_prometheus
+from kiln.serving.metrics import PrometheusExporter, RequestMetrics
 from kiln.serving.models import ModelManager
 from kiln.serving.served_model import ServedModel
 
@@ -26,6 +26,7 @@ class Serving:
         self.config = config or ServerConfig()
         self.metrics = RequestMetrics()
         self.seats = Seats(self.config.max_concurrent_requests)
+        self.exporter = PrometheusExporter(self.metrics, models, lambda: self.seats.in_flight)
         self.started_at = time.time()
 
     def start(self) -> None:
@@ -52,5 +53,6 @@ class Serving:
         active = self.models.active
         return active is not None and active.engine.is_running
 
-    def render_metrics(self) -> str:
-        return render_prometheus(self.metrics, self.models, self.seats.in_flight)
+    def render_metrics(self, accept: str | None = None) -> tuple[bytes, str]:
+        """``/metrics``: the body and its content type (OpenMetrics when ``accept`` asks)."""
+        return self.exporter.render(accept)

@@ -1,0 +1,94 @@
+// The page's calls to kiln: JSON requests, answers streamed as server-sent events over
+// fetch (EventSource cannot POST), and the API key when the server asks for one.
+
+const KEY_STORAGE = "kiln.apiKey";
+
+export class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+function headers(extra = {}) {
+  const result = { ...extra };
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  if (key) result.Authorization = `Bearer ${key}`;
+  return result;
+}
+
+async function errorOf(response) {
+  let message = `${response.status} ${response.statusText}`;
+  try {
+    const body = await response.json();
+    const error = body.error;
+    message = typeof error === "string" ? error : error?.message ?? message;
+  } catch {
+    // not JSON: the status line says enough
+  }
+  return new ApiError(response.status, message);
+}
+
+/** fetch, asking for the API key (kept for the browser session) on a 401. */
+async function send(path, options = {}, retried = false) {
+  const usedKey = sessionStorage.getItem(KEY_STORAGE);
+  const response = await fetch(path, {
+    ...options,
+    headers: headers(options.headers),
+    credentials: "same-origin",
+  });
+  if (response.status === 401 && !retried) {
+    // Calls refused together ask once: those that come after the answer just use it.
+    const current = sessionStorage.getItem(KEY_STORAGE);
+    if (current && current !== usedKey) return send(path, options, true);
+    const key = window.prompt("This kiln server needs its API key:");
+    if (key) {
+      sessionStorage.setItem(KEY_STORAGE, key.trim());
+      return send(path, options, true);
+    }
+  }
+  if (!response.ok) throw await errorOf(response);
+  return response;
+}
+
+export async function getJson(path) {
+  return (await send(path)).json();
+}
+
+export async function sendJson(method, path, body) {
+  const response = await send(path, {
+    method,
+    headers: body === undefined ? {} : { "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  return response.status === 204 ? null : response.json();
+}
+
+/** POST `body` to `path` and call `onEvent` with each server-sent event's JSON data.
+ * Resolves when the stream ends; `signal` aborts it (the server then stops the answer). */
+export async function streamEvents(path, body, onEvent, signal) {
+  const response = await send(path, {
+    method: "POST",
+    headers: body === undefined ? {} : { "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+    signal,
+  });
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value;
+    let boundary;
+    while ((boundary = buffer.indexOf("\n\n")) !== -1) {
+      const event = buffer.slice(0, boundary);
+      buffer = buffer.slice(boundary + 2);
+      const data = event
+        .split("\n")
+        .filter((line) => line.startsWith("data:"))
+        .map((line) => line.slice(5).replace(/^ /, ""))
+        .join("\n");
+      if (data) onEvent(JSON.parse(data));
+    }
+  }
+}

@@ -1,0 +1,79 @@
+// The model picker: the server's models (GET /admin/models) with their status; Activate
+// switches (POST /admin/models/NAME/activate) and the status is polled until the model is
+// available or failed.
+
+import { getJson, sendJson } from "./api.js";
+
+const SETTLED = new Set(["available", "failed", "unloaded"]);
+
+export class ModelPicker {
+  constructor(select, activateButton, statusLine, onActiveChange) {
+    this.select = select;
+    this.activateButton = activateButton;
+    this.statusLine = statusLine;
+    this.onActiveChange = onActiveChange;
+    this.models = [];
+    this.active = null;
+    this.timer = null;
+    select.addEventListener("change", () => this.showStatus());
+    activateButton.addEventListener("click", () => this.activate());
+  }
+
+  async refresh() {
+    try {
+      this.models = await getJson("/admin/models");
+    } catch (error) {
+      this.statusLine.textContent = `Models unavailable: ${error.message}`;
+      return;
+    }
+    const chosen = this.select.value;
+    this.select.replaceChildren(
+      ...this.models.map((model) => {
+        const option = document.createElement("option");
+        option.value = model.name;
+        option.textContent = `${model.name} (${model.status})`;
+        return option;
+      }),
+    );
+    const active = this.models.find((m) => m.active);
+    const keep = this.models.some((m) => m.name === chosen) ? chosen : active?.name;
+    if (keep) this.select.value = keep;
+    if (active && active.name !== this.active) {
+      this.active = active.name;
+      this.onActiveChange(active.name);
+    }
+    this.showStatus();
+    this.schedule();
+  }
+
+  showStatus() {
+    const model = this.models.find((m) => m.name === this.select.value);
+    if (!model) {
+      this.statusLine.textContent = "";
+      return;
+    }
+    let text = model.active ? `${model.name}: ${model.status}, answering` : `${model.name}: ${model.status}`;
+    if (model.reason) text += ` (${model.reason})`;
+    this.statusLine.textContent = text;
+    this.statusLine.dataset.status = model.status;
+    this.activateButton.disabled = model.active;
+  }
+
+  schedule() {
+    clearTimeout(this.timer);
+    const busy = this.models.some((m) => !SETTLED.has(m.status));
+    this.timer = setTimeout(() => this.refresh(), busy ? 1000 : 15000);
+  }
+
+  async activate() {
+    const name = this.select.value;
+    if (!name) return;
+    try {
+      await sendJson("POST", `/admin/models/${encodeURIComponent(name)}/activate`);
+    } catch (error) {
+      this.statusLine.textContent = `Could not activate ${name}: ${error.message}`;
+      return;
+    }
+    await this.refresh();
+  }
+}
