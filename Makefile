@@ -29,6 +29,7 @@ test: install
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 test-all: install
+	$(BIN)/pip install -q -e ".[test,locust]"  # the slow Locust test runs it
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -10,6 +10,9 @@ import sys
 from kiln.cli.args import add_command, call_command
 from kiln.cli.bench import bench_cpu, bench_generate, bench_offline, bench_quality
 from kiln.cli.chat import chat
+from kiln.cli.deploy import add_deploy_commands
+from kiln.cli.export import add_export_commands
+from kiln.cli.finetune import finetune
 from kiln.cli.generate import generate
 from kiln.cli.loadtest import add_loadtest_commands
 from kiln.cli.plan import plan
@@ -25,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(commands, generate)
     add_command(commands, chat)
     add_command(commands, serve)
+    add_command(commands, finetune)
     add_command(commands, plan)
     bench = commands.add_parser("bench", help="benchmarks that print ratios against a peer")
     benches = bench.add_subparsers(title="benchmarks", required=True, metavar="BENCH")
@@ -33,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(benches, bench_cpu, "cpu")
     add_command(benches, bench_quality, "quality")
     add_loadtest_commands(benches)  # serve, compare, locustfile
+    add_export_commands(commands, benches)  # export, push, pull, models ls, bench start
+    add_deploy_commands(commands)  # deploy ray, deploy k8s
     return parser
 
 

@@ -25,6 +25,8 @@ class ModelOptions:
         chat_template: a Jinja chat template file, or a built-in name (llama-2, llama-3, chatml,
             mistral), instead of the checkpoint's.
         threads: CPU threads for torch (default: torch's choice).
+        allow_recompile: load an exported artifact (kiln export) made by another kiln or torch
+            version or for another device, with a warning, instead of refusing it.
     """
 
     model: str | None = None
@@ -34,6 +36,7 @@ class ModelOptions:
     max_model_len: int | None = None
     chat_template: str | None = None
     threads: int | None = None
+    allow_recompile: bool = False
 
     def __post_init__(self) -> None:
         from kiln.errors import InvalidRequestError
@@ -68,6 +71,7 @@ class ModelOptions:
             device=self.device,
             max_model_len=self.max_model_len,
             chat_template=self.chat_template,
+            allow_recompile=self.allow_recompile,
             **engine_options,
         )
 

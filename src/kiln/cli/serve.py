@@ -34,6 +34,8 @@ class ServedModels(ModelOptions):
         chat_template: a Jinja chat template file, or a built-in name (llama-2, llama-3, chatml,
             mistral), instead of the checkpoint's.
         threads: CPU threads for torch (default: torch's choice).
+        allow_recompile: load an exported artifact (kiln export) made by another kiln or torch
+            version or for another device, with a warning, instead of refusing it.
     """
 
     model: list[str] | None = None  # type: ignore[assignment]
@@ -55,6 +57,7 @@ def model_specs(
         "device": models.device,
         "max_model_len": models.max_model_len,
         "chat_template": models.chat_template,
+        "allow_recompile": models.allow_recompile,
         **engine_options,
     }
     specs = [ModelSpec.parse(m, **options) for m in models.model or []]

@@ -41,6 +41,8 @@ class EngineArgs:
             in chunks.
         block_size: tokens per KV cache block.
         enable_prefix_caching: reuse the KV cache of a prompt's longest already-seen prefix.
+        allow_recompile: load an exported artifact made by another kiln or torch version, or
+            for another device, with a warning, instead of refusing it.
     """
 
     model: str | None = None
@@ -54,6 +56,7 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     enable_prefix_caching: bool = True
+    allow_recompile: bool = False
 
     def __post_init__(self) -> None:
         if self.quantize not in (None, *QUANTIZE_CHOICES):

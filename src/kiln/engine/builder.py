@@ -17,6 +17,7 @@ from kiln.engine.engine import Engine
 from kiln.engine.executor import InProcessExecutor
 from kiln.engine.kv_cache import allocate_kv_cache, num_kv_blocks
 from kiln.engine.runner import ModelRunner
+from kiln.export.reader import open_artifact
 from kiln.kernels.native import cpu_kernels
 from kiln.models.loader import build_model, resolve_dtype
 from kiln.models.quantization_plan import quantizes
@@ -78,24 +79,40 @@ def build_engine(args: EngineArgs, *, progress: bool = False) -> LoadedEngine:
     The config is read and checked before the tokenizer and the weights, so a bad option or
     checkpoint fails fast.
     """
+    # An exported artifact (config.json with a `kiln` section) sets the device, context and
+    # batch limits, and is loaded as stored instead of from a checkpoint.
+    artifact = open_artifact(args.model)
+    if artifact is not None:
+        args = artifact.engine_args(args)
     device = resolve_device(args.device)
-    checkpoint = resolve_checkpoint(args.model)
+    if artifact is not None:
+        artifact.check_runtime(device, args.allow_recompile)
+        checkpoint = artifact.checkpoint(args.model)
+    else:
+        checkpoint = resolve_checkpoint(args.model)
     config = ModelConfig.from_hf(checkpoint.config, checkpoint.generation_config)
     quantized = quantizes(args.quantize, checkpoint.weight_formats) and cpu_kernels() is not None
-    dtype = resolve_dtype(args.dtype, config, device, quantized=quantized)
+    if artifact is not None:
+        dtype = artifact.dtype
+        args = artifact.size_kv_cache(args, config)
+    else:
+        dtype = resolve_dtype(args.dtype, config, device, quantized=quantized)
     max_model_len = min(
         args.max_model_len or config.max_position_embeddings, config.max_position_embeddings
     )
     tokenizer = Tokenizer(checkpoint.tokenizer, checkpoint.tokenizer_config)
-    model = build_model(
-        checkpoint,
-        config,
-        dtype,
-        device,
-        max_positions=max_model_len,
-        progress=progress,
-        quantize=args.quantize,
-    )
+    if artifact is not None:
+        model = artifact.build_model(config, device)
+    else:
+        model = build_model(
+            checkpoint,
+            config,
+            dtype,
+            device,
+            max_positions=max_model_len,
+            progress=progress,
+            quantize=args.quantize,
+        )
     cache_config = args.cache_config()
     num_blocks = num_kv_blocks(config, cache_config, dtype, device)
     kv_caches = allocate_kv_cache(config, num_blocks, args.block_size, dtype, device)
@@ -111,6 +128,7 @@ def build_engine(args: EngineArgs, *, progress: bool = False) -> LoadedEngine:
         max_model_len,
         eos_token_ids,
         enable_prefix_caching=args.enable_prefix_caching,
+        exported_sequence_length=artifact.manifest.sequence_length if artifact else None,
     )
     return LoadedEngine(
         args=args,

@@ -33,8 +33,11 @@ class Engine:
         max_model_len: int,
         eos_token_ids: frozenset[int],
         enable_prefix_caching: bool = True,
+        exported_sequence_length: int | None = None,
     ) -> None:
         self.executor = executor
+        self.exported_sequence_length = exported_sequence_length
+        """Set when loaded from an exported artifact: the context it was exported for."""
         self.tokenizer = tokenizer
         self.block_size = executor.block_size
         self.max_model_len = max_model_len
@@ -61,6 +64,17 @@ class Engine:
         if num_prompt_tokens == 0:
             raise ContextLengthError("the prompt is empty: at least one token is needed")
         total = num_prompt_tokens + max_new_tokens
+        exported = self.exported_sequence_length
+        if exported is not None and num_prompt_tokens >= exported:
+            raise ContextLengthError(
+                f"input length {num_prompt_tokens} exceeds the exported sequence length "
+                f"{exported} (one token must be left to generate)"
+            )
+        if exported is not None and total > exported:
+            raise ContextLengthError(
+                f"input length {num_prompt_tokens} + max_new_tokens {max_new_tokens} = {total} "
+                f"exceeds the exported sequence length {exported}"
+            )
         if total > self.max_model_len:
             raise ContextLengthError(
                 f"input ({num_prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = "

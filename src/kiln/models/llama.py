@@ -49,11 +49,18 @@ class LlamaAttention(nn.Module):
         x: torch.Tensor,  # [T, hidden]
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         rotary: RotaryEmbedding,
-        kv_cache: torch.Tensor,
+        kv_cache: torch.Tensor | None,
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj.forward(x).view(num_tokens, -1, self.head_dim)  # [T, H + 2 KV, D]
+        if kv_cache is None:
+            # No cache (training): rotate out of place, as autograd cannot follow ``rotate_``.
+            num_qk = self.num_heads + self.num_kv_heads
+            qk = rotary.rotate(qkv[:, :num_qk], *cos_sin)
+            kv = torch.stack((qk[:, self.num_heads :], qkv[:, num_qk:]))  # [2, T, KV, D]
+            out = self.attn.forward(qk[:, : self.num_heads], kv, None, attn_metadata)
+            return self.o_proj.forward(out)
         kernels = self.attn.kernels
         if kernels is not None and rotary.fits_cpu_kernels and qkv.is_contiguous():
             # One native call rotates q and k and writes k and v to the cache.
@@ -108,7 +115,7 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         rotary: RotaryEmbedding,
-        kv_cache: torch.Tensor,
+        kv_cache: torch.Tensor | None,
         attn_metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` is the previous layer's MLP output and ``residual`` the stream it adds to
@@ -173,9 +180,11 @@ class LlamaForCausalLM(CausalLM):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
+        kv_caches: list[torch.Tensor] | list[None],
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
+        """Hidden states; ``kv_caches`` of None (one per layer) with
+        :meth:`AttentionMetadata.packed` runs without a cache, differentiably (training)."""
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         rotary = self.model.rotary
         cos_sin = rotary.cos_sin(positions, x.dtype)

@@ -107,16 +107,18 @@ def build_model(
     max_positions: int | None = None,
     progress: bool = False,
     quantize: str | None = None,
+    inference: bool = True,
 ) -> CausalLM:
     """Allocate the model directly in ``dtype`` on ``device`` and load the checkpoint's weights.
 
     ``quantize`` picks which linear layers keep group-quantized weights (see
     :mod:`kiln.models.quantization_plan`); on a GPU, or a CPU kiln's kernels cannot run on,
     weights are floats whatever it says.
+
+    ``inference=False`` (fine-tuning) skips the inference-only layout changes (CPU packing
+    releases the plain weights; buffers cannot be trained): parameters stay parameters.
     """
-    model_cls = MODEL_REGISTRY[config.model_type]
-    with _default_dtype(dtype), device:
-        model = model_cls(config, max_positions=max_positions)
+    model = allocate_model(config, dtype, device, max_positions)
     plan = plan_quantization(model, quantize, checkpoint.weight_formats)
     kernels = _kernels_for(plan, quantize, device)
     if kernels is None:
@@ -138,6 +140,22 @@ def build_model(
         model.load_weights(weights, source=str(checkpoint.path))
         if plan.tied_head is not None:
             model.quantize_tied_head(plan.tied_head, kernels)
+    if not inference:
+        return model
+    return prepare_for_inference(model, device)
+
+
+def allocate_model(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int | None
+) -> CausalLM:
+    """The model's modules in ``dtype`` on ``device``: storage allocated, weights not loaded."""
+    model_cls = MODEL_REGISTRY[config.model_type]
+    with _default_dtype(dtype), device:
+        return model_cls(config, max_positions=max_positions)
+
+
+def prepare_for_inference(model: CausalLM, device: torch.device) -> CausalLM:
+    """After loading: the inference-only layout (CPU packing, parameters as buffers)."""
     if device.type == "cpu":
         model.prepare_for_cpu()
     model.convert_parameters_to_buffers()

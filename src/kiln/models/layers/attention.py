@@ -103,6 +103,33 @@ class AttentionMetadata:
             metadata.decode_starts = lengths.cumsum(0)
         return metadata
 
+    @classmethod
+    def packed(
+        cls,
+        seq_lens: Sequence[int],
+        sliding_window: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Layout of a step without a KV cache: the flattened tokens are whole sequences laid
+        back to back (``seq_lens``), each attending causally within itself only, i.e. a
+        block-diagonal causal mask (packed training, whole-sequence scoring).
+
+        Token ``i``'s slot is ``i`` itself: with ``kv_cache=None`` attention reads the step's
+        own keys and values through the same per-sequence code as a cached prefill.
+        """
+        sequences: list[SequenceAttention] = []
+        start = 0
+        for length in seq_lens:
+            mask, is_causal = _mask(0, length, sliding_window, device)
+            sequences.append(
+                SequenceAttention(
+                    start, length, length, slice(start, start + length), mask, is_causal
+                )
+            )
+            start += length
+        slot_mapping = torch.arange(start, device=device)
+        return cls(slot_mapping=slot_mapping, sequences=sequences, sliding_window=sliding_window)
+
 
 def _context_slots(
     blocks: Sequence[int], block_size: int, context_len: int, device: torch.device | str
@@ -150,9 +177,13 @@ class PagedAttention(nn.Module):
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim]
         kv: torch.Tensor,  # [2, T, num_kv_heads, head_dim]: this step's keys and values
-        kv_cache: torch.Tensor,  # [2, num_slots, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor | None,  # [2, num_slots, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
+        if kv_cache is None:
+            # No cache (training; metadata from AttentionMetadata.packed): the step's own keys
+            # are the whole context, and nothing is written in place, so autograd can follow.
+            return self.attend(q, kv, metadata)
         # NOTE: one index_copy_/index_select over both halves of the cache instead of
         # per-half advanced indexing: ~2 us vs ~4 us to write, ~4 us vs ~26 us to gather a
         # 100-token context (SmolLM2 shapes, 2 cores); they run once per layer per sequence.

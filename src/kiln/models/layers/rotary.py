@@ -97,6 +97,14 @@ class RotaryEmbedding(nn.Module):
         # Both operands are computed before ``out`` is written, so aliasing ``rot`` is safe.
         torch.addcmul(rot * cos, self._swap(rot), sin, out=rot)
 
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """:meth:`rotate_` out of place: a new tensor, so autograd can differentiate through
+        it (training); ``x`` is left as it is."""
+        if self.rotary_dim == self.head_dim:
+            return torch.addcmul(x * cos, self._swap(x), sin)  # as rotate_ computes it
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        return torch.cat((torch.addcmul(rot * cos, self._swap(rot), sin), rest), dim=-1)
+
     def _swap(self, x: torch.Tensor) -> torch.Tensor:
         """The partner of each rotated dim: adjacent pairs swapped (GPT-J) or halves swapped."""
         if self.interleaved:

@@ -1,0 +1,204 @@
+"""Load an exported artifact: check it was made for this kiln, torch and device, then put its
+runtime-layout tensors straight into a freshly allocated model (no quantization, no packing of
+quantized layers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+import kiln
+from kiln.config import ModelConfig
+from kiln.config.engine_args import EngineArgs
+from kiln.engine.kv_cache import kv_bytes_per_block
+from kiln.errors import ConfigError, ModelLoadError
+from kiln.export.manifest import WEIGHTS_FILE, ArtifactManifest, read_manifest
+from kiln.kernels.native import BLOCK_BYTES, cpu_kernels
+from kiln.models.base import CausalLM
+from kiln.models.layers.linear import Linear
+from kiln.models.loader import DTYPES, allocate_model, prepare_for_inference
+from kiln.quantization import GROUP_SIZE
+from kiln.weights.checkpoint import Checkpoint, WeightIterator
+from kiln.weights.hf import load_hf_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """An exported artifact on disk and its manifest."""
+
+    path: Path
+    manifest: ArtifactManifest
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.manifest.dtype]
+
+    def engine_args(self, args: EngineArgs) -> EngineArgs:
+        """``args`` fitted to the artifact: its device by default, its sequence length as the
+        context and its batch size as the most sequences at once; options that contradict
+        what was exported are a :class:`ConfigError`."""
+        m = self.manifest
+        if args.dtype not in ("auto", *[k for k, v in DTYPES.items() if v == self.dtype]):
+            raise ConfigError(
+                f"{self.path}: exported with dtype {m.dtype}; --dtype {args.dtype} would need "
+                "another export"
+            )
+        if args.quantize is not None and args.quantize != m.quantization:
+            raise ConfigError(
+                f"{self.path}: exported with quantization {m.quantization}; --quantize "
+                f"{args.quantize} would need another export"
+            )
+        if args.max_model_len is not None and args.max_model_len > m.sequence_length:
+            raise ConfigError(
+                f"max_model_len {args.max_model_len} exceeds the exported sequence length "
+                f"{m.sequence_length}"
+            )
+        return dataclasses.replace(
+            args,
+            device=args.device or m.device,
+            max_model_len=args.max_model_len or m.sequence_length,
+            max_num_seqs=min(args.max_num_seqs, m.batch_size),
+        )
+
+    def size_kv_cache(self, args: EngineArgs, config: ModelConfig) -> EngineArgs:
+        """Unless ``args`` sets it, a KV cache of exactly the exported shapes (batch size
+        sequences of sequence length tokens) instead of the default 1 GiB on a CPU: zeroing
+        that was most of a warm start (SmolLM2: 1.5 s of 3.5 s)."""
+        if args.kv_cache_memory is not None:
+            return args
+        m = self.manifest
+        blocks = m.batch_size * -(-m.sequence_length // args.block_size)
+        per_block = kv_bytes_per_block(config, args.block_size, self.dtype)
+        return dataclasses.replace(args, kv_cache_memory=blocks * per_block)
+
+    def check_runtime(self, device: torch.device, allow_recompile: bool) -> None:
+        """Refuse an artifact made by another kiln or torch version, or for another device,
+        unless ``allow_recompile`` (then warn: on a CPU nothing compiled is stored, so loading
+        its tensors as they are is what a recompile amounts to)."""
+        m = self.manifest
+        problems = []
+        if m.kiln_version != kiln.__version__:
+            problems.append(f"kiln {m.kiln_version} (this is kiln {kiln.__version__})")
+        if m.torch_version != torch.__version__:
+            problems.append(f"torch {m.torch_version} (this is torch {torch.__version__})")
+        if m.device != device.type:
+            problems.append(f"device {m.device} (loading on {device.type})")
+        if not problems:
+            return
+        what = f"{self.path}: exported for {', '.join(problems)}"
+        if not allow_recompile:
+            raise ModelLoadError(
+                f"{what}; export it again here, or pass --allow-recompile to load it anyway"
+            )
+        if m.quantized_layers and device.type != "cpu":
+            raise ModelLoadError(f"{what}; its quantized layers run on the CPU only")
+        logger.warning("%s; loading it anyway (--allow-recompile)", what)
+
+    def checkpoint(self, name: str) -> Checkpoint:
+        """Config, tokenizer and chat template as a :class:`Checkpoint`; its weights are read
+        by :meth:`build_model`, not through ``load_weights``."""
+        checkpoint = load_hf_dir(self.path, name)
+        return dataclasses.replace(
+            checkpoint,
+            load_weights=self._refuse_plain_loading,
+            load_quantized_weights=None,
+            weight_formats={},
+        )
+
+    def _refuse_plain_loading(self) -> WeightIterator:
+        raise ModelLoadError(
+            f"{self.path}: an artifact's weights are in kiln's runtime layout; load it with "
+            "LLM(path) or --model path, not as a Hugging Face checkpoint"
+        )
+
+    def build_model(self, config: ModelConfig, device: torch.device) -> CausalLM:
+        """A ready model: allocated, its tensors read from the artifact, prepared for
+        inference on ``device``."""
+        m = self.manifest
+        model = allocate_model(config, self.dtype, device, m.sequence_length)
+        if m.quantized_layers:
+            kernels = cpu_kernels()
+            if kernels is None:
+                raise ModelLoadError(
+                    f"{self.path}: holds quantized layers, and kiln's quantized CPU kernels "
+                    "cannot run here (they need x86-64 Linux with AVX2 and a C compiler)"
+                )
+            if m.tied_head_bits is not None:
+                # The head's own copy was made at export (quantize_tied_head); give it a layer
+                # to load into.
+                model.lm_head = Linear(config.hidden_size, config.vocab_size)
+            model.quantize_linears(m.quantized_layers, kernels)
+        with torch.no_grad():
+            _load_runtime_tensors(model, self.path / WEIGHTS_FILE, device)
+        return prepare_for_inference(model, device)
+
+
+def open_artifact(model: str | None) -> Artifact | None:
+    """The artifact ``model`` names, or None when it is not a directory holding one."""
+    if model is None:
+        return None
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return None
+    manifest = read_manifest(path)
+    return None if manifest is None else Artifact(path, manifest)
+
+
+def _load_runtime_tensors(model: CausalLM, file: Path, device: torch.device) -> None:
+    """Put every tensor of ``file`` in its place, checking names, shapes and dtypes; the
+    quantized layers take their packed ``qblocks`` as they are."""
+    modules = dict(model.named_modules())
+    linears = model.linear_layers()
+    expected = {
+        name
+        for name in model.state_dict()
+        if not name.endswith((".qcodes", ".qscales", ".qoffsets"))
+    } | {f"{name}.qblocks" for name, layer in linears.items() if layer.bits}
+    try:
+        f = safe_open(str(file), framework="pt", device="cpu")
+    except (OSError, SafetensorError) as e:
+        raise ModelLoadError(f"{file}: cannot read ({e})") from None
+    with f:
+        names = set(f.keys())
+        if names != expected:
+            missing, extra = sorted(expected - names), sorted(names - expected)
+            raise ModelLoadError(
+                f"{file}: does not match the model its config describes "
+                f"(missing: {missing[:5]}, unexpected: {extra[:5]})"
+            )
+        for name in sorted(names):
+            owner, _, attr = name.rpartition(".")
+            tensor = f.get_tensor(name).to(device)
+            if attr == "qblocks":
+                _set_qblocks(linears[owner], tensor, f"{file}: {name}")
+                continue
+            target = getattr(modules[owner], attr)
+            if target.shape != tensor.shape or target.dtype != tensor.dtype:
+                raise ModelLoadError(
+                    f"{file}: {name} is {tensor.dtype} {tuple(tensor.shape)}, the model "
+                    f"expects {target.dtype} {tuple(target.shape)}"
+                )
+            # NOTE: take the read tensor's storage instead of copying into the allocated one.
+            target.data = tensor
+
+
+def _set_qblocks(layer: Linear, blocks: torch.Tensor, where: str) -> None:
+    out_features, in_features = layer.weight_shape()
+    shape = (out_features, in_features // GROUP_SIZE * BLOCK_BYTES[layer.bits])
+    if blocks.dtype != torch.uint8 or tuple(blocks.shape) != shape:
+        raise ModelLoadError(
+            f"{where} is {blocks.dtype} {tuple(blocks.shape)}, a {layer.bits}-bit layer "
+            f"expects torch.uint8 {shape}"
+        )
+    layer.qblocks = blocks
+    # The unpacked loading buffers quantize_to allocated are never written: drop them as
+    # finish_loading would.
+    layer.qcodes = layer.qscales = layer.qoffsets = None

@@ -1,0 +1,196 @@
+"""``kiln export``: load a checkpoint once (cast, quantize, pack) and write the result as a
+self-contained artifact that later loads with no quantization work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+import kiln
+from kiln.config import ModelConfig
+from kiln.errors import ConfigError
+from kiln.export.manifest import (
+    MANIFEST_KEY,
+    WEIGHTS_FILE,
+    ArtifactManifest,
+    file_sha256,
+    files_sha256,
+    make_readable,
+    write_files_manifest,
+)
+from kiln.models.base import CausalLM
+from kiln.models.loader import build_model
+from kiln.weights.checkpoint import Checkpoint
+from kiln.weights.resolve import resolve_checkpoint
+
+logger = logging.getLogger(__name__)
+
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+EXPORT_QUANTIZE = ("none", "int8", "int4")
+EXPORT_DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """The shapes and layout an artifact is exported for."""
+
+    batch_size: int
+    sequence_length: int
+    dtype: str
+    quantize: str | None = None
+    device: str = "cpu"
+    tp_degree: int = 1
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.sequence_length < 2:
+            raise ConfigError(f"--sequence-length must be >= 2, got {self.sequence_length}")
+        if self.dtype not in EXPORT_DTYPES:
+            raise ConfigError(
+                f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {self.dtype!r}"
+            )
+        if self.quantize not in (None, *EXPORT_QUANTIZE):
+            raise ConfigError(
+                f"--quantize must be one of {', '.join(EXPORT_QUANTIZE)}, got {self.quantize!r}"
+            )
+        if self.device not in EXPORT_DEVICES:
+            raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.tp_degree != 1:
+            raise ConfigError("--tp other than 1 is not supported yet (kiln runs one rank)")
+        if self.device == "cpu" and self.dtype == "fp16":
+            # kiln runs float16 as float32 on CPUs (see models.loader.resolve_dtype); an
+            # artifact that says fp16 but loads as fp32 would be a lie.
+            raise ConfigError("--dtype fp16 is not supported on --device cpu; use fp32 or bf16")
+        if self.device == "cuda" and self.quantize in ("int8", "int4"):
+            raise ConfigError(f"--quantize {self.quantize} runs on the CPU only; use --device cpu")
+
+
+def export_artifact(model: str | None, output: Path, options: ExportOptions) -> ArtifactManifest:
+    """Export ``model`` (anything ``--model`` takes) into the new directory ``output``.
+
+    Written into a temporary sibling first and renamed at the end, so an interrupted export
+    never leaves something that looks like an artifact.
+    """
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ConfigError(f"{output}: already exists and is not an empty directory")
+    checkpoint = resolve_checkpoint(model)
+    config = ModelConfig.from_hf(checkpoint.config, checkpoint.generation_config)
+    if options.sequence_length > config.max_position_embeddings:
+        raise ConfigError(
+            f"--sequence-length {options.sequence_length} exceeds the model's maximum "
+            f"({config.max_position_embeddings} positions)"
+        )
+    dtype = EXPORT_DTYPES[options.dtype]
+    # A GPU artifact holds floats: GGUF tensors are dequantized, as kiln does on a GPU.
+    quantize = "none" if options.device == "cuda" else options.quantize
+    # NOTE: built on the CPU whatever the target: the weights are the same bytes; only CPU
+    # packing (oneDNN's opaque layout) is left to load time, as it cannot be saved.
+    net = build_model(
+        checkpoint,
+        config,
+        dtype,
+        torch.device("cpu"),
+        max_positions=options.sequence_length,
+        quantize=quantize,
+        inference=False,
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent))
+    try:
+        manifest = _write(staging, net, checkpoint, options)
+        make_readable(staging)
+        if output.exists():
+            output.rmdir()  # empty (checked above)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write(
+    directory: Path,
+    net: CausalLM,
+    checkpoint: Checkpoint,
+    options: ExportOptions,
+) -> ArtifactManifest:
+    tensors = _runtime_tensors(net)
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "producer": "kiln"})
+    layers = {name: layer.bits for name, layer in net.linear_layers().items() if layer.bits}
+    tied_head_bits = None
+    if net.config.tie_word_embeddings and "lm_head" in layers:
+        tied_head_bits = layers["lm_head"]  # made by quantize_tied_head: not in the checkpoint
+    manifest = ArtifactManifest(
+        batch_size=options.batch_size,
+        sequence_length=options.sequence_length,
+        dtype=_DTYPE_NAMES[EXPORT_DTYPES[options.dtype]],
+        quantization=options.quantize or "source",
+        quantized_layers=layers,
+        tied_head_bits=tied_head_bits,
+        device=options.device,
+        tp_degree=options.tp_degree,
+        kiln_version=kiln.__version__,
+        torch_version=torch.__version__,
+        source=checkpoint.name,
+        source_path=str(checkpoint.path),
+        source_sha256=source_sha256(checkpoint.path),
+        weights_sha256=file_sha256(directory / WEIGHTS_FILE),
+    )
+    config = {
+        **checkpoint.config,
+        "torch_dtype": manifest.dtype,
+        MANIFEST_KEY: manifest.to_json(),
+    }
+    _write_json(directory / "config.json", config)
+    _write_json(directory / "generation_config.json", checkpoint.generation_config)
+    checkpoint.tokenizer.save(str(directory / "tokenizer.json"))
+    tokenizer_config = dict(checkpoint.tokenizer_config)
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, str):
+        # As save_pretrained writes it; a list of named templates stays in the JSON.
+        (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
+        del tokenizer_config["chat_template"]
+    _write_json(directory / "tokenizer_config.json", tokenizer_config)
+    write_files_manifest(directory)
+    return manifest
+
+
+def _runtime_tensors(net: CausalLM) -> dict[str, torch.Tensor]:
+    """Every persistent tensor of the loaded model, by state_dict name: float weights in the
+    artifact's dtype and each quantized layer's packed ``qblocks`` (uint8)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in net.state_dict().items():
+        # The unpacked loading buffers are gone after finish_loading; skip any left (None).
+        if tensor is None or name.endswith((".qcodes", ".qscales", ".qoffsets")):
+            continue
+        # NOTE: clone: safetensors refuses tensors that share storage (a tied embedding).
+        tensors[name] = tensor.detach().contiguous().clone()
+    return tensors
+
+
+def source_sha256(path: Path) -> str:
+    """sha256 over a checkpoint's weight files (a GGUF file, or a directory's safetensors or
+    pytorch .bin files)."""
+    path = Path(path)
+    if path.is_file():
+        return files_sha256([path])
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not weights:
+        weights = sorted(path.glob("*.gguf"))
+    return files_sha256(weights)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

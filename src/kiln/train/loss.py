@@ -1,0 +1,50 @@
+"""The training forward (kiln's model forward without a KV cache) and the next-token loss."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from kiln.models.base import CausalLM
+from kiln.models.layers.attention import AttentionMetadata
+from kiln.train.packing import IGNORE_INDEX, Batch
+
+
+def packed_hidden(model: CausalLM, batch: Batch) -> torch.Tensor:  # [T, hidden]
+    """Hidden states of a packed batch: every segment attends only within itself."""
+    device = batch.input_ids.device
+    metadata = AttentionMetadata.packed(batch.seq_lens, model.config.sliding_window, device)
+    caches = [None] * model.config.num_hidden_layers
+    return model.forward(batch.input_ids, batch.positions, caches, metadata)
+
+
+def packed_logits(model: CausalLM, batch: Batch) -> torch.Tensor:  # [T, vocab]
+    return model.compute_logits(packed_hidden(model, batch))
+
+
+def loss_sum(model: CausalLM, batch: Batch) -> torch.Tensor:
+    """Summed cross-entropy over the labelled positions (the caller divides by the tokens of
+    the whole optimizer step, so gradient accumulation weights every token equally).
+
+    NOTE: logits only for labelled rows: prompts and padding need none, and the head's
+    ``[T, vocab]`` output is the largest activation of a small model.
+    """
+    hidden = packed_hidden(model, batch)
+    keep = batch.labels != IGNORE_INDEX
+    logits = model.compute_logits(hidden[keep])  # [N, vocab]
+    return F.cross_entropy(logits.float(), batch.labels[keep], reduction="sum")
+
+
+@torch.no_grad()
+def mean_loss(model: CausalLM, batches: Iterable[Batch]) -> float:
+    """Mean next-token loss per labelled token over ``batches`` (dropout off)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in batches:
+        total += float(loss_sum(model, batch))
+        tokens += batch.num_label_tokens
+    model.train(was_training)
+    return total / max(tokens, 1)

@@ -1,0 +1,180 @@
+"""`kiln deploy ray --emit-config` and `kiln deploy k8s`: the files they write, parsed back.
+
+The Serve config is checked against Ray's own schema (``ray.serve.schema``); the KubeRay
+manifests field group by field group. Nothing is deployed here (tests/e2e/test_ray_serve.py
+deploys an emitted config on a local Ray cluster).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from kiln.cli.main import main
+from kiln.deploy.config import BUILDER_IMPORT_PATH, DEPLOYMENT_NAME, ReplicaConfig
+from kiln.errors import ConfigError
+
+
+def _emit(tmp_path: Path, *flags: str) -> dict[str, Any]:
+    path = tmp_path / "serve.yaml"
+    assert main(["deploy", "ray", "--model", "/models/m", *flags, "--emit-config", str(path)]) == 0
+    return yaml.safe_load(path.read_text())
+
+
+def _k8s(tmp_path: Path, *flags: str) -> dict[str, dict[str, Any]]:
+    path = tmp_path / "k8s.yaml"
+    argv = ["deploy", "k8s", "--model", "/models/m", "--image", "kiln:test", *flags]
+    assert main([*argv, "--output", str(path)]) == 0
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(path.read_text())}
+
+
+def test_fixed_replicas_config_validates_against_rays_schema(tmp_path: Path) -> None:
+    config = _emit(tmp_path, "--replicas", "3", "--num-cpus", "0.5", "--threads", "1")
+    schema = ServeDeploySchema.model_validate(config)
+    [app] = schema.applications
+    assert app.import_path == BUILDER_IMPORT_PATH
+    [deployment] = app.deployments
+    assert deployment.name == DEPLOYMENT_NAME
+    assert deployment.num_replicas == 3
+    assert deployment.ray_actor_options.num_cpus == 0.5
+    # The args are what the builder reads back into each replica's config.
+    replica = ReplicaConfig.from_args(app.args)
+    assert replica.model == "/models/m" and replica.threads == 1
+
+
+def test_autoscaling_config_validates_and_scales_to_zero(tmp_path: Path) -> None:
+    config = _emit(
+        tmp_path,
+        *("--min-replicas", "0", "--max-replicas", "4", "--target-ongoing-requests", "3"),
+        *("--upscale-delay-s", "5", "--downscale-delay-s", "120"),
+    )
+    [deployment] = ServeDeploySchema.model_validate(config).applications[0].deployments
+    autoscaling = deployment.autoscaling_config
+    assert autoscaling["min_replicas"] == 0 and autoscaling["max_replicas"] == 4
+    assert autoscaling["target_ongoing_requests"] == 3
+    assert autoscaling["upscale_delay_s"] == 5 and autoscaling["downscale_delay_s"] == 120
+    assert "num_replicas" not in config["applications"][0]["deployments"][0]
+
+
+def test_gpu_and_neuron_resources_reach_ray_actor_options(tmp_path: Path) -> None:
+    gpu = _emit(tmp_path, "--num-gpus", "1")["applications"][0]["deployments"][0]
+    assert gpu["ray_actor_options"]["num_gpus"] == 1
+    neuron = _emit(tmp_path, "--neuron-cores", "2")["applications"][0]["deployments"][0]
+    assert neuron["ray_actor_options"]["resources"] == {"neuron_cores": 2}
+
+
+def test_bad_engine_option_fails_before_anything_is_written() -> None:
+    with pytest.raises(ConfigError, match="unknown option"):
+        ReplicaConfig(engine={"max_num_seqz": 4})
+
+
+def test_k8s_objects_and_serve_config_embedded(tmp_path: Path) -> None:
+    docs = _k8s(tmp_path, "--replicas", "2")
+    assert set(docs) == {"RayService", "Service", "PersistentVolumeClaim"}
+    spec = docs["RayService"]["spec"]
+    assert docs["RayService"]["apiVersion"] == "ray.io/v1"
+    # serveConfigV2 is a string holding the very config `serve deploy` takes.
+    serve_config = yaml.safe_load(spec["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_config)
+    assert serve_config["applications"][0]["deployments"][0]["num_replicas"] == 2
+    assert serve_config["http_options"]["host"] == "0.0.0.0"
+
+
+def test_k8s_head_and_worker_groups(tmp_path: Path) -> None:
+    docs = _k8s(tmp_path, "--min-workers", "1", "--max-workers", "5", "--worker-cpu", "4")
+    cluster = docs["RayService"]["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # no replica on the head
+    head_ports = {p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
+    assert {6379, 8265, 8000} <= head_ports
+    [workers] = cluster["workerGroupSpecs"]
+    assert (workers["minReplicas"], workers["maxReplicas"]) == (1, 5)
+    container = workers["template"]["spec"]["containers"][0]
+    assert container["image"] == "kiln:test"
+    assert container["resources"]["limits"]["cpu"] == "4"
+
+
+def test_k8s_autoscaler_options(tmp_path: Path) -> None:
+    cluster = _k8s(tmp_path, "--max-replicas", "4")["RayService"]["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+
+
+def test_k8s_probes(tmp_path: Path) -> None:
+    cluster = _k8s(tmp_path)["RayService"]["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    worker = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert head["readinessProbe"]["httpGet"] == {"path": "/api/gcs_healthz", "port": 8265}
+    assert worker["readinessProbe"]["httpGet"] == {"path": "/-/healthz", "port": 8000}
+    assert worker["livenessProbe"]["httpGet"]["path"] == "/api/local_raylet_healthz"
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "flags", "device"),
+    [
+        ("nvidia", ["--num-gpus", "1"], "nvidia.com/gpu"),
+        ("neuron", ["--neuron-cores", "2"], "aws.amazon.com/neuron"),
+    ],
+)
+def test_k8s_accelerator_resources(
+    tmp_path: Path, accelerator: str, flags: list[str], device: str
+) -> None:
+    docs = _k8s(tmp_path, "--accelerator", accelerator, "--devices-per-worker", "2", *flags)
+    [workers] = docs["RayService"]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert workers["groupName"] == f"{accelerator}-workers"
+    pod = workers["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"][device] == "2"
+    assert pod["tolerations"][0]["key"] == device
+    if accelerator == "neuron":
+        assert "neuron_cores" in workers["rayStartParams"]["resources"]
+
+
+def test_k8s_accelerator_without_replica_devices_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "k8s.yaml"
+    argv = ["deploy", "k8s", "--image", "kiln:test", "--accelerator", "nvidia", "--output"]
+    assert main([*argv, str(path)]) == 2
+    assert "num_gpus" in capsys.readouterr().err
+    assert not path.exists()
+
+
+def test_k8s_service_and_chat_store(tmp_path: Path) -> None:
+    docs = _k8s(tmp_path, "--chat-storage", "5Gi", "--storage-class", "efs")
+    service = docs["Service"]["spec"]
+    assert service["ports"] == [{"name": "http", "port": 80, "targetPort": 8000}]
+    assert service["selector"]["ray.io/serve"] == "true"
+    claim = docs["PersistentVolumeClaim"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert claim["spec"]["storageClassName"] == "efs"
+    # Every worker mounts it, and every replica keeps its chats there.
+    workers = docs["RayService"]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    pod = workers["template"]["spec"]
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    mount = pod["containers"][0]["volumeMounts"][0]["mountPath"]
+    args = yaml.safe_load(docs["RayService"]["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["chat_db"].startswith(mount + "/")
+
+
+def test_k8s_without_chat_store(tmp_path: Path) -> None:
+    docs = _k8s(tmp_path, "--chat-storage", "none")
+    assert "PersistentVolumeClaim" not in docs
+    args = yaml.safe_load(docs["RayService"]["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["chat_db"] is None
+
+
+def test_k8s_api_key_comes_from_a_secret_not_the_config(tmp_path: Path) -> None:
+    flags = ("--api-key-env", "KILN_API_KEY", "--api-key-secret", "kiln-key")
+    docs = _k8s(tmp_path, *flags)
+    workers = docs["RayService"]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    [env] = workers["template"]["spec"]["containers"][0]["env"]
+    assert env == {
+        "name": "KILN_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "kiln-key", "key": "api-key"}},
+    }
+    args = yaml.safe_load(docs["RayService"]["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["api_key_env"] == "KILN_API_KEY"
