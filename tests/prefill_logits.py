@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kiln import LLM
-from kiln.models.layers.attention import AttentionMetadata
+from kiln.bench.perplexity import prompt_hidden
 
 
 def kiln_prefill_logits(llm: LLM, prompt_ids: list[int], block_size: int = 16) -> torch.Tensor:
@@ -13,28 +13,8 @@ def kiln_prefill_logits(llm: LLM, prompt_ids: list[int], block_size: int = 16) -
     CPU. They are computed on ``llm``'s device over a private KV cache in the layout the attention
     layer documents (``[2, slots, kv_heads, head_dim]`` per layer) with its blocks in reverse
     order, so a wrong slot mapping cannot go unnoticed."""
-    config = llm.config
-    device = llm.device
     num_blocks = -(-len(prompt_ids) // block_size)
-    kv_caches = [
-        torch.zeros(
-            2,
-            num_blocks * block_size,
-            config.num_key_value_heads,
-            config.head_dim,
-            dtype=llm.dtype,
-            device=device,
-        )
-        for _ in range(config.num_hidden_layers)
-    ]
-    metadata = AttentionMetadata.build(
-        [0], [len(prompt_ids)], [list(reversed(range(num_blocks)))], block_size, None, device
-    )
+    blocks = list(reversed(range(num_blocks)))
+    hidden = prompt_hidden(llm, prompt_ids, blocks, block_size)
     with torch.inference_mode():
-        hidden = llm.model(
-            torch.tensor(prompt_ids, device=device),
-            torch.arange(len(prompt_ids), device=device),
-            kv_caches,
-            metadata,
-        )
         return llm.model.compute_logits(hidden).float().cpu()

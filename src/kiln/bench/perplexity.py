@@ -37,14 +37,21 @@ def dolly_texts(path: Path, count: int) -> list[str]:
     return texts
 
 
-def token_logprobs(llm: LLM, token_ids: list[int]) -> torch.Tensor:
-    """``[len - 1]`` float64 log-probabilities of tokens 1.. given the ones before them."""
+def prompt_hidden(
+    llm: LLM,
+    token_ids: list[int],
+    block_ids: list[int] | None = None,
+    block_size: int = _BLOCK_SIZE,
+) -> torch.Tensor:
+    """``[len, hidden]`` final hidden states of ``token_ids`` in one forward pass of ``llm``'s
+    model over a private KV cache (``[2, slots, kv_heads, head_dim]`` per layer), the sequence
+    held in ``block_ids`` (default: blocks 0, 1, ... in order)."""
     config = llm.config
-    num_blocks = -(-len(token_ids) // _BLOCK_SIZE)
+    num_blocks = -(-len(token_ids) // block_size)
     kv_caches = [
         torch.zeros(
             2,
-            num_blocks * _BLOCK_SIZE,
+            num_blocks * block_size,
             config.num_key_value_heads,
             config.head_dim,
             dtype=llm.dtype,
@@ -52,14 +59,20 @@ def token_logprobs(llm: LLM, token_ids: list[int]) -> torch.Tensor:
         )
         for _ in range(config.num_hidden_layers)
     ]
+    blocks = list(range(num_blocks)) if block_ids is None else block_ids
     metadata = AttentionMetadata.build(
-        [0], [len(token_ids)], [list(range(num_blocks))], _BLOCK_SIZE, device=llm.device
+        [0], [len(token_ids)], [blocks], block_size, device=llm.device
     )
+    positions = torch.arange(len(token_ids), device=llm.device)
+    with torch.inference_mode():
+        return llm.model(torch.tensor(token_ids, device=llm.device), positions, kv_caches, metadata)
+
+
+def token_logprobs(llm: LLM, token_ids: list[int]) -> torch.Tensor:
+    """``[len - 1]`` float64 log-probabilities of tokens 1.. given the ones before them."""
+    hidden = prompt_hidden(llm, token_ids)
     ids = torch.tensor(token_ids, device=llm.device)
     with torch.inference_mode():
-        hidden = llm.model(
-            ids, torch.arange(len(token_ids), device=llm.device), kv_caches, metadata
-        )
         logits = llm.model.compute_logits(hidden[:-1]).double()
     return logits.log_softmax(-1).gather(-1, ids[1:, None]).squeeze(-1).cpu()
 

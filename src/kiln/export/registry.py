@@ -34,6 +34,7 @@ from kiln.export.manifest import (
     read_manifest,
     verify_files,
 )
+from kiln.files import fsync_path
 from kiln.kernels.native import cache_dir
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -95,7 +96,7 @@ def push(artifact: Path, target: str) -> str:
             if local.exists():  # a concurrent push of the same name won the race
                 return _already_there(local, content_id)
             raise
-        _fsync_dir(local.parent)
+        fsync_path(local.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(local)
@@ -198,15 +199,7 @@ def _copy_files(source: Path, destination: Path, files: dict[str, dict[str, obje
             shutil.copyfileobj(fin, fout, length=1 << 20)
             fout.flush()
             os.fsync(fout.fileno())
-    _fsync_dir(destination)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(destination)
 
 
 def _is_empty(path: Path) -> bool:

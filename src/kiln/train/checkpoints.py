@@ -7,7 +7,6 @@ directory, which is never loaded and is cleared by the next save.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -15,17 +14,11 @@ from typing import Any
 
 import torch
 
+from kiln.files import fsync_path
+
 STATE_FILE = "state.pt"
 _STEP_DIR = re.compile(r"step-(\d{8})")
 _TMP_PREFIX = ".tmp-"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(root: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
@@ -38,12 +31,12 @@ def save_checkpoint(root: Path, step: int, state: dict[str, Any], keep: int = 2)
     tmp = root / f"{_TMP_PREFIX}step-{step:08d}"
     tmp.mkdir()
     torch.save(state, tmp / STATE_FILE)
-    _fsync(tmp / STATE_FILE)
-    _fsync(tmp)
+    fsync_path(tmp / STATE_FILE)
+    fsync_path(tmp)
     if final.exists():  # the same step saved again (a resumed run): replace it
         shutil.rmtree(final)
     tmp.rename(final)
-    _fsync(root)  # the rename itself reaches the disk
+    fsync_path(root)  # the rename itself reaches the disk
     for old in checkpoint_dirs(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
