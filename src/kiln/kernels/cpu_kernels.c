@@ -13,22 +13,173 @@
  * registers and FMA'd into every row. Either way results match a float matmul over the
  * dequantized weights to ~1e-4, so which path computed a token does not change it.
  *
- * Every function takes its thread count: OpenMP's is per calling thread, and the engine calls
- * from its own thread, not the one torch.set_num_threads ran in.
+ * Every function takes its thread count and runs on kiln's own pool of threads (below), not
+ * OpenMP's: libgomp counts every team ever started in the process, and once that count passes
+ * the CPU count (torch's team in the main thread plus ours in the engine thread, on 2 cores) it
+ * stops spinning at barriers and sleeps in the kernel instead, which cost the served decode
+ * step ~15%. The pool's threads spin at barriers, yield the CPU when a wait runs long, and sleep
+ * between calls.
  *
- * The `*_team` functions hold only orphaned worksharing constructs (`omp for`, `omp single`):
- * called inside a parallel region every thread of the team takes its share, called outside one
- * a single thread does all of it. The exported functions open one parallel region around them;
- * kiln_llama_decode opens one for a whole decode step, so the threads stay awake across layers
- * instead of being forked and joined ~150 times a token.
+ * kiln_llama_decode runs a whole decode step as one job: the threads stay awake across layers
+ * and meet at five barriers per layer; the small ops between linear layers (residual adds,
+ * norms, activation quantization) are repeated by every thread on its own copy rather than
+ * done by one while the others wait.
  */
 #include <immintrin.h>
 #include <math.h>
-#include <omp.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 
 #define GROUP 32
+
+/* ---- kiln's thread pool -------------------------------------------------------------------
+ * pool_run(job, arg, n) runs job(arg, tid, n) on the calling thread (tid 0) and n - 1 workers.
+ * Workers spin for SPIN_NS after a job, so the next one (the head after the layers, the next
+ * token) starts without a wake-up, then sleep on a condition variable. One job runs at a time
+ * (run_lock): the engine thread and the main thread may both call in. */
+
+typedef void (*pool_job)(void *arg, int tid, int n);
+
+#define MAX_WORKERS 255
+#define SPIN_NS 200000L /* 0.2 ms: spans the Python work between two decode steps' calls */
+
+static struct {
+    pthread_mutex_t run_lock, sleep_lock;
+    pthread_cond_t wake;
+    int workers; /* started */
+    unsigned first_generation[MAX_WORKERS + 1]; /* the job count each worker starts after */
+    atomic_uint generation; /* bumped once per job */
+    atomic_int sleepers, finished;
+    pool_job job;
+    void *arg;
+    int n;
+} pool = {
+    .run_lock = PTHREAD_MUTEX_INITIALIZER,
+    .sleep_lock = PTHREAD_MUTEX_INITIALIZER,
+    .wake = PTHREAD_COND_INITIALIZER,
+};
+
+static long long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* Spin until *word != seen, yielding the CPU every 1024 polls: when other processes hold the
+ * cores, a waiter that only spun would burn the slice the thread it waits for needs. */
+static unsigned spin_until_changed(atomic_uint *word, unsigned seen, long long deadline) {
+    unsigned value;
+    for (unsigned polls = 1; (value = atomic_load_explicit(word, memory_order_acquire)) == seen;
+         polls++) {
+        _mm_pause();
+        if ((polls & 1023) == 0) {
+            if (deadline && now_ns() > deadline) break;
+            sched_yield();
+        }
+    }
+    return value;
+}
+
+static void *pool_worker(void *arg) {
+    const int tid = (int)(intptr_t)arg;
+    /* Not the generation now: the job this worker was started for may already be published. */
+    unsigned seen = pool.first_generation[tid];
+    for (;;) {
+        unsigned current = spin_until_changed(&pool.generation, seen, now_ns() + SPIN_NS);
+        if (current == seen) {
+            /* sleepers is raised before generation is read again (both sequentially
+             * consistent), so either this thread sees the new job or pool_run sees a sleeper
+             * and signals under the lock this thread waits with. */
+            pthread_mutex_lock(&pool.sleep_lock);
+            atomic_fetch_add(&pool.sleepers, 1);
+            while ((current = atomic_load(&pool.generation)) == seen)
+                pthread_cond_wait(&pool.wake, &pool.sleep_lock);
+            atomic_fetch_sub(&pool.sleepers, 1);
+            pthread_mutex_unlock(&pool.sleep_lock);
+        }
+        seen = current;
+        /* Every started worker reports every job, its own share or none: pool_run waits for
+         * all of them, so none can still be reading this job's fields when the next is set. */
+        if (tid < pool.n) pool.job(pool.arg, tid, pool.n);
+        atomic_fetch_add_explicit(&pool.finished, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+/* After fork() only the forking thread exists in the child: start a fresh pool there. */
+static void pool_after_fork_in_child(void) {
+    pthread_mutex_init(&pool.run_lock, NULL);
+    pthread_mutex_init(&pool.sleep_lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pool.workers = 0;
+    atomic_store(&pool.sleepers, 0);
+}
+
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static void pool_register_fork_handler(void) {
+    pthread_atfork(NULL, NULL, pool_after_fork_in_child);
+}
+
+static void pool_run(pool_job job, void *arg, int n) {
+    if (n > MAX_WORKERS + 1) n = MAX_WORKERS + 1;
+    if (n <= 1) {
+        job(arg, 0, 1);
+        return;
+    }
+    pthread_once(&pool_once, pool_register_fork_handler);
+    pthread_mutex_lock(&pool.run_lock);
+    while (pool.workers < n - 1) {
+        pthread_t thread;
+        pool.first_generation[pool.workers + 1] = atomic_load(&pool.generation);
+        if (pthread_create(&thread, NULL, pool_worker, (void *)(intptr_t)(pool.workers + 1)))
+            break; /* out of threads: run with those there are */
+        pthread_detach(thread);
+        pool.workers++;
+    }
+    if (pool.workers < n - 1) n = pool.workers + 1;
+    pool.job = job, pool.arg = arg, pool.n = n;
+    atomic_store_explicit(&pool.finished, 0, memory_order_relaxed);
+    atomic_fetch_add(&pool.generation, 1); /* publishes job, arg and n */
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.sleep_lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.sleep_lock);
+    }
+    job(arg, 0, n);
+    for (unsigned polls = 1;
+         atomic_load_explicit(&pool.finished, memory_order_acquire) < pool.workers; polls++) {
+        _mm_pause();
+        if ((polls & 1023) == 0) sched_yield();
+    }
+    pthread_mutex_unlock(&pool.run_lock);
+}
+
+/* A barrier for the n threads of one job: the last to arrive starts the next phase. */
+typedef struct {
+    atomic_uint arrived, phase;
+} barrier;
+
+static void barrier_wait(barrier *b, int n) {
+    if (n <= 1) return;
+    const unsigned phase = atomic_load_explicit(&b->phase, memory_order_relaxed);
+    if (atomic_fetch_add_explicit(&b->arrived, 1, memory_order_acq_rel) == (unsigned)n - 1) {
+        atomic_store_explicit(&b->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->phase, phase + 1, memory_order_release);
+    } else {
+        spin_until_changed(&b->phase, phase, 0);
+    }
+}
+
+/* Thread tid's share [*lo, *hi) of `count` items split in n contiguous parts. */
+static inline void share(int64_t count, int tid, int n, int64_t *lo, int64_t *hi) {
+    const int64_t base = count / n, extra = count % n;
+    *lo = tid * base + (tid < extra ? tid : extra);
+    *hi = *lo + base + (tid < extra ? 1 : 0);
+}
 
 typedef struct {
     uint16_t d, m;
@@ -181,57 +332,100 @@ static float single_row_feature(int bits, const void *w, int64_t n, int64_t G, c
     return hsum(_mm256_add_ps(acc0, acc1)) + offset;
 }
 
-/* y [M][N] = x [M][K] @ W.T for a quantized W [N][K / 32 blocks]: int16 activations for one
- * row, float for more. xq [K], xd and xsum [K / 32] are the single row's scratch. */
-static void linear_team(int bits, const float *x, int64_t M, int64_t K, const void *w, int64_t N,
-                        float *y, int16_t *xq, float *xd, float *xsum) {
+/* Per-thread scratch for quantizing one activation row of up to `width` features. */
+typedef struct {
+    int16_t *xq;
+    float *xd, *xsum;
+} row_scratch;
+
+/* Features [lo, hi) of y [M][N] = x [M][K] @ W.T for a quantized W [N][K / 32 blocks]: int16
+ * activations for one row (quantized here, into this thread's scratch), float for more. */
+static void linear_part(int bits, const float *x, int64_t M, int64_t K, const void *w, int64_t N,
+                        float *y, int64_t lo, int64_t hi, const row_scratch *scratch) {
     const int64_t G = K / GROUP;
     if (M > 1) {
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) float_feature(bits, w, n, G, x, M, N, y);
+        for (int64_t n = lo; n < hi; n++) float_feature(bits, w, n, G, x, M, N, y);
         return;
     }
-#pragma omp single
-    quantize_activations(x, 1, K, xq, xd, xsum);
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; n++) y[n] = single_row_feature(bits, w, n, G, xq, xd, xsum);
+    quantize_activations(x, 1, K, scratch->xq, scratch->xd, scratch->xsum);
+    for (int64_t n = lo; n < hi; n++)
+        y[n] = single_row_feature(bits, w, n, G, scratch->xq, scratch->xd, scratch->xsum);
 }
 
-/* linear_team on its own. Returns 0, or -1 when the scratch memory cannot be allocated. */
+/* n row_scratch of `width` features each in one allocation (NULL when out of memory). */
+static row_scratch *scratch_alloc(int n, int64_t width) {
+    const size_t groups = (size_t)(width / GROUP) + 1;
+    const size_t each = sizeof(int16_t) * (size_t)width + 2 * sizeof(float) * groups;
+    row_scratch *s = malloc(sizeof(row_scratch) * (size_t)n + each * (size_t)n + 64);
+    if (!s) return NULL;
+    char *p = (char *)(s + n);
+    for (int t = 0; t < n; t++) {
+        s[t].xd = (float *)p, p += sizeof(float) * groups;
+        s[t].xsum = (float *)p, p += sizeof(float) * groups;
+        s[t].xq = (int16_t *)p, p += sizeof(int16_t) * (size_t)width;
+    }
+    return s;
+}
+
+typedef struct {
+    int bits;
+    const float *x;
+    int64_t M, K, N;
+    const void *w;
+    float *y;
+    row_scratch *scratch;
+} linear_job;
+
+static void run_linear(void *arg, int tid, int n) {
+    const linear_job *j = arg;
+    int64_t lo, hi;
+    share(j->N, tid, n, &lo, &hi);
+    linear_part(j->bits, j->x, j->M, j->K, j->w, j->N, j->y, lo, hi, j->scratch + tid);
+}
+
+/* y [M][N] = x [M][K] @ W.T. Returns 0, or -1 when the scratch memory cannot be allocated. */
 int kiln_quantized_linear(int bits, const float *x, int64_t M, int64_t K, const void *w,
                           int64_t N, float *y, int threads) {
-    int16_t *xq = malloc(sizeof(int16_t) * (size_t)K);
-    float *xd = malloc(sizeof(float) * (size_t)(K / GROUP));
-    float *xsum = malloc(sizeof(float) * (size_t)(K / GROUP));
-    int status = -1;
-    if (xq && xd && xsum) {
-#pragma omp parallel num_threads(threads)
-        linear_team(bits, x, M, K, w, N, y, xq, xd, xsum);
-        status = 0;
+    if (threads < 1) threads = 1;
+    linear_job job = {bits, x, M, K, N, w, y, scratch_alloc(threads, K)};
+    if (!job.scratch) return -1;
+    pool_run(run_linear, &job, threads);
+    free(job.scratch);
+    return 0;
+}
+
+typedef struct {
+    int bits;
+    const void *w;
+    int64_t blocks;
+    float *out;
+} dequantize_job;
+
+static void run_dequantize(void *arg, int tid, int n) {
+    const dequantize_job *j = arg;
+    int64_t lo, hi;
+    share(j->blocks, tid, n, &lo, &hi);
+    for (int64_t i = lo; i < hi; i++) {
+        float *o = j->out + i * GROUP;
+        if (j->bits == 4) {
+            const block_int4 *b = (const block_int4 *)j->w + i;
+            const float d = half_to_float(b->d), m = half_to_float(b->m);
+            for (int k = 0; k < GROUP / 2; k++) {
+                o[k] = d * (float)(b->qs[k] & 0x0F) + m;
+                o[k + GROUP / 2] = d * (float)(b->qs[k] >> 4) + m;
+            }
+        } else {
+            const block_int8 *b = (const block_int8 *)j->w + i;
+            const float d = half_to_float(b->d);
+            for (int k = 0; k < GROUP; k++) o[k] = d * (float)b->qs[k];
+        }
     }
-    free(xq), free(xd), free(xsum);
-    return status;
 }
 
 /* out [N][K] = W as floats: for large batches (prefill), where a float matmul is faster. */
 void kiln_dequantize(int bits, const void *w, int64_t N, int64_t K, float *out, int threads) {
-    const int64_t G = K / GROUP;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < N * G; i++) {
-        float *o = out + i * GROUP;
-        if (bits == 4) {
-            const block_int4 *b = (const block_int4 *)w + i;
-            const float d = half_to_float(b->d), m = half_to_float(b->m);
-            for (int j = 0; j < GROUP / 2; j++) {
-                o[j] = d * (float)(b->qs[j] & 0x0F) + m;
-                o[j + GROUP / 2] = d * (float)(b->qs[j] >> 4) + m;
-            }
-        } else {
-            const block_int8 *b = (const block_int8 *)w + i;
-            const float d = half_to_float(b->d);
-            for (int j = 0; j < GROUP; j++) o[j] = d * (float)b->qs[j];
-        }
-    }
+    dequantize_job job = {bits, w, N * (K / GROUP), out};
+    pool_run(run_dequantize, &job, threads);
 }
 
 /* ---- decode-step helpers: the small per-layer ops whose PyTorch dispatch costs more than
@@ -270,72 +464,119 @@ static int64_t longest_context(const int64_t *starts, int64_t B) {
 }
 
 /* One query token per sequence against its cached keys and values (a decode step), for a batch
- * of sequences in one call.
- *   q        [B][H][D]              this step's queries
+ * of sequences; each (sequence, head) pair is one item, handed out in order from *next so
+ * long and short contexts balance across threads.
+ *   q        [B][H][D] at a stride of q_stride floats per sequence: this step's queries
  *   cache    [2][slots][KV][D]      the layer's paged cache (keys, then values)
  *   slots    [total context] int64  each sequence's cache slots in order, concatenated
  *   starts   [B + 1] int64          sequence b's slots are slots[starts[b] .. starts[b+1])
  *   window   attend to the last `window` tokens only (0: all)
  *   out      [B][H][D]
- * Heads share key/value heads in groups of H / KV (grouped-query attention).
- *   scores   [threads][longest context] scratch, a row per thread of the team */
-static void attention_team(const float *q, const float *cache, int64_t num_slots,
-                           const int64_t *slots, const int64_t *starts, int64_t B, int64_t H,
-                           int64_t KV, int64_t D, float scale, int64_t window, float *out,
-                           float *scores_all, int64_t longest) {
+ *   scores   [longest context] this thread's scratch
+ * Heads share key/value heads in groups of H / KV (grouped-query attention). */
+static void attention_part(const float *q, int64_t q_stride, const float *cache,
+                           int64_t num_slots, const int64_t *slots, const int64_t *starts,
+                           int64_t B, int64_t H, int64_t KV, int64_t D, float scale,
+                           int64_t window, float *out, float *scores, atomic_llong *next) {
     const float *values = cache + num_slots * KV * D;
     const int64_t group = H / KV;
-    float *scores = scores_all + (int64_t)omp_get_thread_num() * longest;
-#pragma omp for schedule(dynamic, 1) collapse(2)
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t h = 0; h < H; h++) {
-            int64_t first = starts[b], len = starts[b + 1] - starts[b];
-            if (window > 0 && len > window) first += len - window, len = window;
-            const int64_t kvh = h / group;
-            const float *qh = q + (b * H + h) * D;
-            float best = -INFINITY;
-            for (int64_t t = 0; t < len; t++) {
-                const float *k = cache + (slots[first + t] * KV + kvh) * D;
-                float dot = 0.0f;
+    for (;;) {
+        const int64_t item = atomic_fetch_add_explicit(next, 1, memory_order_relaxed);
+        if (item >= B * H) break;
+        const int64_t b = item / H, h = item % H;
+        int64_t first = starts[b], len = starts[b + 1] - starts[b];
+        if (window > 0 && len > window) first += len - window, len = window;
+        const int64_t kvh = h / group;
+        const float *qh = q + b * q_stride + h * D;
+        float best = -INFINITY;
+        for (int64_t t = 0; t < len; t++) {
+            const float *k = cache + (slots[first + t] * KV + kvh) * D;
+            float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-                for (int64_t i = 0; i < D; i++) dot += qh[i] * k[i];
-                scores[t] = dot * scale;
-                if (scores[t] > best) best = scores[t];
-            }
-            float total = 0.0f;
+            for (int64_t i = 0; i < D; i++) dot += qh[i] * k[i];
+            scores[t] = dot * scale;
+            if (scores[t] > best) best = scores[t];
+        }
+        float total = 0.0f;
 #pragma omp simd reduction(+ : total)
-            for (int64_t t = 0; t < len; t++) {
-                scores[t] = expf(scores[t] - best);
-                total += scores[t];
-            }
-            float *o = out + (b * H + h) * D;
-            for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
-            for (int64_t t = 0; t < len; t++) {
-                const float p = scores[t] / total;
-                const float *v = values + (slots[first + t] * KV + kvh) * D;
-                for (int64_t i = 0; i < D; i++) o[i] += p * v[i];
-            }
+        for (int64_t t = 0; t < len; t++) {
+            scores[t] = expf(scores[t] - best);
+            total += scores[t];
+        }
+        float *o = out + (b * H + h) * D;
+        for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
+        for (int64_t t = 0; t < len; t++) {
+            const float p = scores[t] / total;
+            const float *v = values + (slots[first + t] * KV + kvh) * D;
+            for (int64_t i = 0; i < D; i++) o[i] += p * v[i];
         }
     }
+}
+
+typedef struct {
+    const float *q, *cache;
+    int64_t num_slots;
+    const int64_t *slots, *starts;
+    int64_t B, H, KV, D;
+    float scale;
+    int64_t window;
+    float *out, *scores;
+    int64_t longest;
+    atomic_llong next;
+} attention_job;
+
+static void run_attention(void *arg, int tid, int n) {
+    attention_job *j = arg;
+    (void)n;
+    attention_part(j->q, j->H * j->D, j->cache, j->num_slots, j->slots, j->starts, j->B, j->H,
+                   j->KV, j->D, j->scale, j->window, j->out, j->scores + tid * j->longest,
+                   &j->next);
 }
 
 int kiln_decode_attention(const float *q, const float *cache, int64_t num_slots,
                           const int64_t *slots, const int64_t *starts, int64_t B, int64_t H,
                           int64_t KV, int64_t D, float scale, int64_t window, float *out,
                           int threads) {
+    if (threads < 1) threads = 1;
     const int64_t longest = longest_context(starts, B);
-    float *scores = malloc(sizeof(float) * (size_t)(longest * threads));
-    if (!scores) return -1;
-#pragma omp parallel num_threads(threads)
-    attention_team(q, cache, num_slots, slots, starts, B, H, KV, D, scale, window, out, scores,
-                   longest);
-    free(scores);
+    attention_job job = {q, cache, num_slots, slots, starts, B, H, KV, D, scale, window, out,
+                         malloc(sizeof(float) * (size_t)(longest * threads)), longest};
+    if (!job.scores) return -1;
+    atomic_init(&job.next, 0);
+    pool_run(run_attention, &job, threads);
+    free(job.scores);
     return 0;
 }
 
-/* Rotate the query and key heads of this step's fused q/k/v rows in place (Llama's layout: dim
- * i pairs with dim i + D/2, all D dims rotate), then write each token's keys and values to its
- * cache slot.
+/* Rotate heads [h0, h1) of token t's fused q/k/v row in place where they are q or k heads
+ * (Llama's layout: dim i pairs with dim i + D/2, all D dims rotate), and copy those that are k
+ * or v heads to the token's cache slot. Heads count q heads first, then KV k heads, then KV v.
+ *   row   [H + 2 KV][D];  c, s: the step's cos and sin rows for t, see kiln_rope_and_cache */
+static void rope_and_cache_heads(float *row, int64_t h0, int64_t h1, int64_t H, int64_t KV,
+                                 int64_t D, const float *c, const float *s, int64_t slot,
+                                 float *cache, int64_t num_slots) {
+    const int64_t half = D / 2;
+    for (int64_t head = h0; head < h1; head++) {
+        float *x = row + head * D;
+        if (head < H + KV) {
+#pragma omp simd
+            for (int64_t i = 0; i < half; i++) {
+                const float a = x[i], b = x[i + half];
+                x[i] = a * c[i] - b * s[half + i];
+                x[i + half] = b * c[i] + a * s[half + i];
+            }
+        }
+        if (head >= H) {
+            const int64_t kv = head - H; /* 0..KV-1 keys, KV..2KV-1 values */
+            const int64_t plane = kv < KV ? 0 : num_slots;
+            float *dst = cache + ((plane + slot) * KV + kv % KV) * D;
+            for (int64_t i = 0; i < D; i++) dst[i] = x[i];
+        }
+    }
+}
+
+/* Rotate the query and key heads of this step's fused q/k/v rows in place, then write each
+ * token's keys and values to its cache slot.
  *   qkv   [T][H + 2 KV][D]
  *   cos, sin  [T][D]: the tables at full width (the first half of cos and the second half of
  *         sin are the angles' cosines and sines; see RotaryEmbedding.cos_sin)
@@ -343,25 +584,13 @@ int kiln_decode_attention(const float *q, const float *cache, int64_t num_slots,
 void kiln_rope_and_cache(float *qkv, int64_t T, int64_t H, int64_t KV, int64_t D,
                          const float *cos, const float *sin, const int64_t *slots, float *cache,
                          int64_t num_slots) {
-    const int64_t half = D / 2, width = (H + 2 * KV) * D;
-    for (int64_t t = 0; t < T; t++) {
-        float *row = qkv + t * width;
-        const float *c = cos + t * D, *s = sin + t * D + half;
-        for (int64_t head = 0; head < H + KV; head++) {
-            float *x = row + head * D;
-#pragma omp simd
-            for (int64_t i = 0; i < half; i++) {
-                const float a = x[i], b = x[i + half];
-                x[i] = a * c[i] - b * s[i];
-                x[i + half] = b * c[i] + a * s[i];
-            }
-        }
-        float *keys = cache + slots[t] * KV * D;
-        float *values = cache + (num_slots + slots[t]) * KV * D;
-        const float *k = row + H * D, *v = row + (H + KV) * D;
-        for (int64_t i = 0; i < KV * D; i++) keys[i] = k[i], values[i] = v[i];
-    }
+    const int64_t width = (H + 2 * KV) * D;
+    for (int64_t t = 0; t < T; t++)
+        rope_and_cache_heads(qkv + t * width, 0, H + 2 * KV, H, KV, D, cos + t * D, sin + t * D,
+                             slots[t], cache, num_slots);
 }
+
+static inline float silu_times(float gate, float up) { return gate / (1.0f + expf(-gate)) * up; }
 
 /* out [T][I] = silu(gate) * up, where gate_up [T][2 I] holds gate then up (Llama's MLP). */
 void kiln_silu_mul(const float *gate_up, int64_t T, int64_t I, float *out) {
@@ -369,15 +598,15 @@ void kiln_silu_mul(const float *gate_up, int64_t T, int64_t I, float *out) {
         const float *g = gate_up + t * 2 * I, *u = g + I;
         float *o = out + t * I;
 #pragma omp simd
-        for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        for (int64_t i = 0; i < I; i++) o[i] = silu_times(g[i], u[i]);
     }
 }
 
 /* ---- a whole decode step of a Llama model, in one call -----------------------------------
  * Python's per-op dispatch costs ~10-30 us per call, about as much as the arithmetic of one
- * decode token at SmolLM2's size; this runs every layer's nine ops (norm, q/k/v, rotary and
- * cache write, attention, o, add + norm, gate/up, silu * up, down) without returning to Python,
- * inside one parallel region. */
+ * decode token at SmolLM2's size; this runs every layer's ops (norm, q/k/v, rotary and cache
+ * write, attention, o, add + norm, gate/up, silu * up, down) without returning to Python, as
+ * one job of the pool. */
 
 typedef struct {
     const float *norm1, *norm2;
@@ -393,70 +622,126 @@ typedef struct {
     float *cache; /* [2][num_slots][KV][D] */
 } kiln_llama_layer;
 
+typedef struct {
+    float *hidden, *residual;
+    const kiln_llama_layer *layers;
+    int64_t num_layers;
+    float eps;
+    int64_t B, E, H, KV, D, I;
+    const float *cos, *sin;
+    const int64_t *new_slots;
+    int64_t num_slots;
+    const int64_t *slots, *starts;
+    float scale;
+    int64_t window, longest;
+    /* shared between the threads */
+    float *qkv_out, *attn, *gate_up_out, *act;
+    atomic_llong *attention_next; /* [num_layers] */
+    barrier barrier;
+    /* one per thread: residual stream (thread 0 uses `residual`), normed rows, scores */
+    float *own_residual, *own_normed, *own_scores;
+    row_scratch *scratch;
+} decode_job;
+
+/* Thread tid's whole decode step. Between barriers each thread writes only its own outputs
+ * (a share of a linear layer's features, or its attention items), and reads shared buffers
+ * only after the barrier that completes them; the residual stream and the norms of it are
+ * recomputed by every thread in its own copy, which costs less than another barrier. */
+static void run_llama_decode(void *arg, int tid, int n) {
+    decode_job *j = arg;
+    const int64_t B = j->B, E = j->E, H = j->H, KV = j->KV, D = j->D, I = j->I;
+    const int64_t width = (H + 2 * KV) * D;
+    float *residual = tid == 0 ? j->residual : j->own_residual + (tid - 1) * B * E;
+    float *normed = j->own_normed + tid * B * E;
+    const row_scratch *scratch = j->scratch + tid;
+    int64_t head_lo, head_hi, e_lo, e_hi, i_lo, i_hi;
+    share(H + 2 * KV, tid, n, &head_lo, &head_hi); /* q/k/v split by whole heads for rotary */
+    share(E, tid, n, &e_lo, &e_hi);
+    share(I, tid, n, &i_lo, &i_hi);
+
+    for (int64_t l = 0; l < j->num_layers; l++) {
+        const kiln_llama_layer *layer = j->layers + l;
+        if (l == 0) {
+            for (int64_t i = 0; i < B * E; i++) residual[i] = j->hidden[i];
+        } else {
+            for (int64_t i = 0; i < B * E; i++) residual[i] += j->hidden[i];
+        }
+        rms_norm_rows(residual, layer->norm1, B, E, j->eps, normed);
+
+        /* q/k/v for this thread's heads, then their rotary and cache writes */
+        linear_part(layer->qkv_bits, normed, B, E, layer->qkv, width, j->qkv_out, head_lo * D,
+                    head_hi * D, scratch);
+        for (int64_t b = 0; b < B; b++) {
+            float *row = j->qkv_out + b * width;
+            if (layer->qkv_bias)
+                for (int64_t i = head_lo * D; i < head_hi * D; i++) row[i] += layer->qkv_bias[i];
+            rope_and_cache_heads(row, head_lo, head_hi, H, KV, D, j->cos + b * D,
+                                 j->sin + b * D, j->new_slots[b], layer->cache, j->num_slots);
+        }
+        barrier_wait(&j->barrier, n);
+
+        attention_part(j->qkv_out, width, layer->cache, j->num_slots, j->slots, j->starts, B, H,
+                       KV, D, j->scale, j->window, j->attn, j->own_scores + tid * j->longest,
+                       j->attention_next + l);
+        barrier_wait(&j->barrier, n);
+
+        linear_part(layer->o_bits, j->attn, B, H * D, layer->o, E, j->hidden, e_lo, e_hi,
+                    scratch);
+        barrier_wait(&j->barrier, n);
+
+        for (int64_t i = 0; i < B * E; i++) residual[i] += j->hidden[i];
+        rms_norm_rows(residual, layer->norm2, B, E, j->eps, normed);
+        /* gate features [i_lo, i_hi) and the matching up features, so this thread can finish
+         * silu(gate) * up for them without waiting for the others */
+        linear_part(layer->gate_up_bits, normed, B, E, layer->gate_up, 2 * I, j->gate_up_out,
+                    i_lo, i_hi, scratch);
+        linear_part(layer->gate_up_bits, normed, B, E, layer->gate_up, 2 * I, j->gate_up_out,
+                    I + i_lo, I + i_hi, scratch);
+        for (int64_t b = 0; b < B; b++) {
+            const float *g = j->gate_up_out + b * 2 * I, *u = g + I;
+            for (int64_t i = i_lo; i < i_hi; i++) j->act[b * I + i] = silu_times(g[i], u[i]);
+        }
+        barrier_wait(&j->barrier, n);
+
+        linear_part(layer->down_bits, j->act, B, I, layer->down, E, j->hidden, e_lo, e_hi,
+                    scratch);
+        barrier_wait(&j->barrier, n);
+    }
+}
+
 /* hidden [B][E] holds the embeddings on entry and the last layer's output on return, residual
- * [B][E] the residual stream before the final norm (the caller adds and normalises). */
+ * [B][E] the residual stream before the final norm (the caller adds and normalises).
+ * Returns 0, or -1 when the scratch memory cannot be allocated. */
 int kiln_llama_decode(float *hidden, float *residual, const kiln_llama_layer *layers,
                       int64_t num_layers, float eps, int64_t B, int64_t E, int64_t H, int64_t KV,
                       int64_t D, int64_t I, const float *cos, const float *sin,
                       const int64_t *new_slots, int64_t num_slots, const int64_t *slots,
                       const int64_t *starts, float scale, int64_t window, int threads) {
+    if (threads < 1) threads = 1;
     const int64_t width = (H + 2 * KV) * D;
     const int64_t widest = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D);
-    const int64_t longest = longest_context(starts, B);
-    float *normed = malloc(sizeof(float) * (size_t)(B * E));
-    float *qkv_out = malloc(sizeof(float) * (size_t)(B * width));
-    float *q = malloc(sizeof(float) * (size_t)(B * H * D));
-    float *attn = malloc(sizeof(float) * (size_t)(B * H * D));
-    float *gu = malloc(sizeof(float) * (size_t)(B * 2 * I));
-    float *act = malloc(sizeof(float) * (size_t)(B * I));
-    int16_t *xq = malloc(sizeof(int16_t) * (size_t)widest);
-    float *xd = malloc(sizeof(float) * (size_t)(widest / GROUP));
-    float *xsum = malloc(sizeof(float) * (size_t)(widest / GROUP));
-    float *scores = malloc(sizeof(float) * (size_t)(longest * threads));
+    decode_job j = {hidden, residual, layers, num_layers, eps, B, E, H, KV, D, I, cos, sin,
+                    new_slots, num_slots, slots, starts, scale, window,
+                    longest_context(starts, B)};
+    j.qkv_out = malloc(sizeof(float) * (size_t)(B * width));
+    j.attn = malloc(sizeof(float) * (size_t)(B * H * D));
+    j.gate_up_out = malloc(sizeof(float) * (size_t)(B * 2 * I));
+    j.act = malloc(sizeof(float) * (size_t)(B * I));
+    j.attention_next = malloc(sizeof(atomic_llong) * (size_t)num_layers);
+    j.own_residual = malloc(sizeof(float) * (size_t)(B * E * threads));
+    j.own_normed = malloc(sizeof(float) * (size_t)(B * E * threads));
+    j.own_scores = malloc(sizeof(float) * (size_t)(j.longest * threads));
+    j.scratch = scratch_alloc(threads, widest);
     int status = -1;
-    if (!normed || !qkv_out || !q || !attn || !gu || !act || !xq || !xd || !xsum || !scores)
-        goto done;
-
-#pragma omp parallel num_threads(threads)
-    for (int64_t l = 0; l < num_layers; l++) {
-        const kiln_llama_layer *layer = layers + l;
-#pragma omp single
-        {
-            if (l == 0) {
-                for (int64_t i = 0; i < B * E; i++) residual[i] = hidden[i];
-            } else {
-                for (int64_t i = 0; i < B * E; i++) residual[i] += hidden[i];
-            }
-            rms_norm_rows(residual, layer->norm1, B, E, eps, normed);
-        }
-        linear_team(layer->qkv_bits, normed, B, E, layer->qkv, width, qkv_out, xq, xd, xsum);
-#pragma omp single
-        {
-            if (layer->qkv_bias)
-                for (int64_t b = 0; b < B; b++)
-                    for (int64_t i = 0; i < width; i++)
-                        qkv_out[b * width + i] += layer->qkv_bias[i];
-            kiln_rope_and_cache(qkv_out, B, H, KV, D, cos, sin, new_slots, layer->cache,
-                                num_slots);
-            for (int64_t b = 0; b < B; b++)
-                for (int64_t i = 0; i < H * D; i++) q[b * H * D + i] = qkv_out[b * width + i];
-        }
-        attention_team(q, layer->cache, num_slots, slots, starts, B, H, KV, D, scale, window,
-                       attn, scores, longest);
-        linear_team(layer->o_bits, attn, B, H * D, layer->o, E, hidden, xq, xd, xsum);
-#pragma omp single
-        {
-            for (int64_t i = 0; i < B * E; i++) residual[i] += hidden[i];
-            rms_norm_rows(residual, layer->norm2, B, E, eps, normed);
-        }
-        linear_team(layer->gate_up_bits, normed, B, E, layer->gate_up, 2 * I, gu, xq, xd, xsum);
-#pragma omp single
-        kiln_silu_mul(gu, B, I, act);
-        linear_team(layer->down_bits, act, B, I, layer->down, E, hidden, xq, xd, xsum);
+    if (j.qkv_out && j.attn && j.gate_up_out && j.act && j.attention_next && j.own_residual &&
+        j.own_normed && j.own_scores && j.scratch) {
+        for (int64_t l = 0; l < num_layers; l++) atomic_init(j.attention_next + l, 0);
+        atomic_init(&j.barrier.arrived, 0);
+        atomic_init(&j.barrier.phase, 0);
+        pool_run(run_llama_decode, &j, threads);
+        status = 0;
     }
-    status = 0;
-done:
-    free(normed), free(qkv_out), free(q), free(attn), free(gu), free(act);
-    free(xq), free(xd), free(xsum), free(scores);
+    free(j.qkv_out), free(j.attn), free(j.gate_up_out), free(j.act), free(j.attention_next);
+    free(j.own_residual), free(j.own_normed), free(j.own_scores), free(j.scratch);
     return status;
 }

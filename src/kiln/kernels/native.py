@@ -2,8 +2,8 @@
 
 Why not a PyTorch C++ extension: including torch's headers makes the first build take about a
 minute on 2 cores; this plain C file builds in about a second with ``gcc``, and ctypes drops the
-GIL during each call. The library links OpenMP by its soname, so it shares the OpenMP runtime
-torch has already loaded instead of starting a second pool of threads.
+GIL during each call. The library runs on its own small pool of threads (see cpu_kernels.c for
+why not OpenMP's); it uses OpenMP's ``simd`` pragmas only, which need no runtime.
 
 The cached library's name hashes the source, the compiler command and the CPU's flags, so a
 cache directory shared between machines never hands one CPU another's build. Where the kernels
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _REQUIRED_FLAGS = frozenset({"avx2", "fma", "f16c"})
-_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+_CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-std=c11")
 GROUP_SIZE = 32
 """Weights and activations are quantized in groups of this many input features."""
 BLOCK_BYTES = {4: 20, 8: 34}
@@ -147,6 +147,7 @@ class CPUKernels:
         bits: int,
         x: torch.Tensor,  # [M, K] float32, contiguous
         blocks: torch.Tensor,  # [N, K / 32 * BLOCK_BYTES[bits]] uint8 (see cpu_kernels.c)
+        threads: int | None = None,  # default: torch.get_num_threads()
     ) -> torch.Tensor:  # [M, N] float32
         """``x @ W.T`` over the quantized weight (float activations)."""
         rows, in_features = x.shape
@@ -160,7 +161,7 @@ class CPUKernels:
             blocks.data_ptr(),
             out_features,
             y.data_ptr(),
-            torch.get_num_threads(),
+            threads or torch.get_num_threads(),
         )
         if status != 0:
             raise MemoryError("kiln_quantized_linear could not allocate its scratch memory")
