@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from postgres_server import PostgresServer, PostgresUnavailableError, postgres_server
+
 SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The servers the tests start (in process or as ``kiln serve`` children) keep their chat
+    store under a throwaway $XDG_DATA_HOME, never in the user's ~/.local/share/kiln: a test
+    run neither reads nor leaves conversations there."""
+    previous = os.environ.get("XDG_DATA_HOME")
+    folder = tmp_path_factory.mktemp("data-home")
+    os.environ["XDG_DATA_HOME"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("XDG_DATA_HOME", None)
+    else:
+        os.environ["XDG_DATA_HOME"] = previous
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +62,17 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server (tests/postgres_server.py). Where none can be started the
+    tests that need it skip, but fail under CI (``.ci/run`` installs PostgreSQL)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(postgres_server())
+        except PostgresUnavailableError as e:
+            if os.environ.get("CI"):
+                pytest.fail(f"PostgreSQL is required under CI: {e}")
+            pytest.skip(f"no PostgreSQL server: {e}")
+        yield server

@@ -32,11 +32,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(llm: LLM | ModelManager, config: ServerConfig | None = None) -> Iterator[str]:
-    """Serve ``llm`` (or a manager's models) on 127.0.0.1 at a free port; yields the base URL,
-    stops on exit."""
+def running_server(
+    llm: LLM | ModelManager, config: ServerConfig | None = None, port: int | None = None
+) -> Iterator[str]:
+    """Serve ``llm`` (or a manager's models) on 127.0.0.1 at ``port`` (default: a free one);
+    yields the base URL, stops on exit. A test restarts a server by serving again on its port."""
     config = config or ServerConfig()
-    port = free_port()
+    port = port or free_port()
     app = create_app(llm, config)
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")

@@ -1,39 +1,47 @@
-"""The chat page in a real headless Chromium (Debian's ``chromium`` + ``chromium-driver``,
-driven by selenium) against a real kiln server on loopback.
+"""The chat page in a real headless Chromium (Debian's ``chromium``, driven by Playwright)
+against a real kiln server on loopback.
 
 It sends a message and watches the answer stream in, stops one, regenerates and edits and
 walks the branches; it plants XSS payloads in an answer and checks that they render as text
-and run nothing; the page carries a strict Content-Security-Policy and breaks none of it.
+and run nothing; it exports and imports; every page must break none of its strict
+Content-Security-Policy. The model switch, restart, owner isolation and screenshot tests are
+in ``test_chat_page_more.py``.
 
 These tests fail (never skip) when Chromium is missing: ``.ci/run`` installs it.
 """
 
 from __future__ import annotations
 
-import shutil
+import json
+import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import httpx
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.by import By
-from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.remote.webelement import WebElement
+from playwright.sync_api import Browser, BrowserContext, Page, expect
 from test_chat_api import Pace
 
+from browser_harness import (
+    TIMEOUT_MS,
+    assistant_messages,
+    launched_chromium,
+    new_context,
+    open_page,
+    owner_cookie,
+    plant_conversation,
+    send,
+    set_max_new_tokens,
+    wait_answered,
+    wait_idle,
+    watched_page,
+)
 from kiln import LLM
 from kiln.config.server import ServerConfig
-from kiln.server.chat.owner import COOKIE
-from kiln.store import ChatStore, MessageStatus, Role
 from server_harness import running_server
 
-TIMEOUT_S = 30.0
-T = TypeVar("T")
+TIMEOUT_S = TIMEOUT_MS / 1000
 
 XSS_ANSWER = """Here you go:
 
@@ -55,15 +63,7 @@ A [safe link](https://example.com/docs) and `<b>code</b>`.
 """
 
 
-def _chromium() -> tuple[str, str]:
-    browser = shutil.which("chromium")
-    driver = shutil.which("chromedriver")
-    if browser is None or driver is None:
-        pytest.fail(
-            "the page tests need Debian's chromium and chromium-driver: "
-            "apt-get install -y chromium chromium-driver (.ci/run does it)"
-        )
-    return browser, driver
+# --- fixtures ---------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -88,88 +88,35 @@ def url(llm: LLM, pace: Pace, chat_db: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
-    binary, driver_path = _chromium()
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",  # CI runs as root
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,900",
-    ):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(driver_path))
-    driver.set_page_load_timeout(TIMEOUT_S)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+def browser() -> Iterator[Browser]:
+    with launched_chromium() as launched:
+        yield launched
 
 
-def _wait(condition: Callable[[], T], what: str, timeout: float = TIMEOUT_S) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = condition()
-        except Exception:  # an element replaced under us by a re-render: look again
-            value = None
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.03)
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    with new_context(browser) as fresh:
+        yield fresh
 
 
-def _click(browser: WebDriver, selector: str, what: str) -> None:
-    """Click the element ``selector`` finds, looking again if a re-render replaced it."""
-
-    def click() -> bool:
-        browser.find_element(By.CSS_SELECTOR, selector).click()
-        return True
-
-    _wait(click, what)
+@pytest.fixture
+def page(context: BrowserContext) -> Iterator[Page]:
+    with watched_page(context) as fresh:
+        yield fresh
 
 
-def _open_page(browser: WebDriver, url: str) -> None:
-    browser.get(url + "/")
-    _wait(lambda: browser.find_element(By.TAG_NAME, "body").get_attribute("data-ready"), "page")
+def _pwned(page: Page) -> object:
+    return page.evaluate("() => window.__pwned")
 
 
-def _assistant_messages(browser: WebDriver) -> list[WebElement]:
-    return browser.find_elements(By.CSS_SELECTOR, "#messages article.message.assistant")
+def _aborted_requests(url: str) -> float:
+    """``tgi_request_failure{err="aborted"}`` from /metrics (0 before the first)."""
+    text = httpx.get(url + "/metrics", timeout=TIMEOUT_S).text
+    found = re.search(r'^tgi_request_failure\{err="aborted"\} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
 
 
-def _last_answer_status(browser: WebDriver) -> str | None:
-    answers = _assistant_messages(browser)
-    return answers[-1].get_attribute("data-status") if answers else None
-
-
-def _idle(browser: WebDriver) -> bool:
-    """No answer streams: Send is back, Stop hidden."""
-    return browser.find_element(By.ID, "send").is_displayed()
-
-
-def _send(browser: WebDriver, text: str) -> None:
-    box = browser.find_element(By.ID, "input")
-    box.send_keys(text)
-    box.send_keys(Keys.ENTER)
-
-
-def _set_max_new_tokens(browser: WebDriver, tokens: int) -> None:
-    browser.find_element(By.ID, "open-settings").click()
-    field = _wait(
-        lambda: browser.find_element(By.CSS_SELECTOR, "#settings [name=max_new_tokens]"), "dialog"
-    )
-    field.clear()
-    field.send_keys(str(tokens))
-    browser.find_element(By.ID, "save-settings").click()
-    _wait(lambda: not browser.find_element(By.ID, "settings").is_displayed(), "dialog closed")
-
-
-def _pwned(browser: WebDriver) -> Any:
-    return browser.execute_script("return window.__pwned")
+# --- tests ------------------------------------------------------------------------------------
 
 
 def test_the_page_has_a_strict_csp(url: str) -> None:
@@ -188,124 +135,113 @@ def test_the_page_has_a_strict_csp(url: str) -> None:
     assert httpx.get(url + "/ui/nothing.js", timeout=TIMEOUT_S).status_code == 404
 
 
-def test_send_stream_stop(browser: WebDriver, url: str, llm: LLM, pace: Pace) -> None:
-    _open_page(browser, url)
-    _wait(lambda: "stories" in browser.find_element(By.ID, "model-status").text, "model status")
-    assert "available" in browser.find_element(By.ID, "model-status").text
-    _set_max_new_tokens(browser, 40)
+# The first streamed text of the last answer, read while it is still streaming (one look, so
+# the answer cannot end between checking its status and reading its text).
+_STREAMING_TEXT = """() => {
+    const answers = document.querySelectorAll('#messages article.message.assistant');
+    const last = answers[answers.length - 1];
+    const text = last?.querySelector('.message-body')?.innerText.trim();
+    return last?.dataset.status === 'streaming' && text ? text : null;
+}"""
+
+
+def test_send_stream_stop(page: Page, url: str, llm: LLM, pace: Pace) -> None:
+    open_page(page, url)
+    expect(page.locator("#model-status")).to_contain_text("stories: available")
+    set_max_new_tokens(page, 40)
     pace.delay = 0.05  # 40 tokens take two seconds: long enough to watch them arrive
     try:
-        _send(browser, "Once upon a time")
+        send(page, "Once upon a time")
         # Streaming: some text is shown while the answer is still being written.
-        partial = _wait(
-            lambda: (
-                _last_answer_status(browser) == "streaming"
-                and _assistant_messages(browser)[-1]
-                .find_element(By.CLASS_NAME, "message-body")
-                .text
-            ),
-            "the first streamed text",
+        partial = page.wait_for_function(_STREAMING_TEXT).json_value()
+        expect(page.locator("#stop")).to_be_visible()
+        final = wait_answered(page).locator(".message-body").inner_text()
+        assert len(final) > len(partial) and final.startswith(partial[:5])
+        expect(page.locator("#conversations .day")).to_have_text(["Today"])
+        expect(page.locator("#conversations .conversation-title")).to_have_text(
+            ["Once upon a time"]
         )
-        assert browser.find_element(By.ID, "stop").is_displayed()
-        _wait(lambda: _last_answer_status(browser) == "complete", "the complete answer")
-        final = _assistant_messages(browser)[-1].find_element(By.CLASS_NAME, "message-body").text
-        assert len(final) > len(partial) and final.startswith(partial.strip()[:5])
-        _wait(lambda: _idle(browser), "Send back")
-        days = [d.text for d in browser.find_elements(By.CSS_SELECTOR, "#conversations .day")]
-        assert days == ["Today"]
-        titles = browser.find_elements(By.CSS_SELECTOR, "#conversations .conversation-title")
-        assert [t.text for t in titles] == ["Once upon a time"]
 
-        # Stop, mid-answer: the engine request is aborted and its blocks freed.
-        _set_max_new_tokens(browser, 300)
-        _send(browser, "Tell me more")
-        _wait(
-            lambda: (
-                _last_answer_status(browser) == "streaming"
-                and _assistant_messages(browser)[-1].text
-            ),
-            "the second answer streaming",
-        )
-        _click(browser, "#stop", "Stop")
-        _wait(lambda: _last_answer_status(browser) == "stopped", "the answer stopped")
+        # Stop, mid-answer: the engine request is aborted (the server counts it) and its KV
+        # blocks freed.
+        aborted_before = _aborted_requests(url)
+        set_max_new_tokens(page, 300)
+        send(page, "Tell me more")
+        page.wait_for_function(_STREAMING_TEXT)
+        page.locator("#stop").click()
+        expect(assistant_messages(page).last).to_have_attribute("data-status", "stopped")
     finally:
         pace.delay = 0.0
-    assert "Stopped." in _assistant_messages(browser)[-1].text
-    _wait(lambda: llm.engine.stats().num_kv_blocks_used == 0, "KV blocks freed")
+    expect(assistant_messages(page).last).to_contain_text("Stopped.")
+    wait_idle(page)
+    assert _aborted_requests(url) == aborted_before + 1
+    _wait_kv_blocks_free(llm)
 
 
-def test_regenerate_edit_and_switch_branches(browser: WebDriver, url: str) -> None:
-    _open_page(browser, url)
-    _click(browser, "#new-chat", "New chat")
-    _set_max_new_tokens(browser, 10)
-    _send(browser, "The cat sat")
-    _wait(lambda: _last_answer_status(browser) == "complete" and _idle(browser), "an answer")
+def _wait_kv_blocks_free(llm: LLM) -> None:
+    """The abort reaches the engine thread at its next step; its blocks are free then."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while llm.engine.stats().num_kv_blocks_used:
+        assert time.monotonic() < deadline, "KV blocks still held after Stop"
+        time.sleep(0.02)
 
-    _click(browser, "#messages article.assistant .regenerate", "Regenerate")
-    position = "#messages article.assistant .siblings .position"
-    _wait(lambda: browser.find_element(By.CSS_SELECTOR, position).text == "2/2", "2/2")
-    _wait(lambda: _idle(browser), "the regenerated answer")
-    _click(browser, "#messages article.assistant .previous", "<")
-    _wait(lambda: browser.find_element(By.CSS_SELECTOR, position).text == "1/2", "1/2")
+
+def test_regenerate_edit_and_switch_branches(page: Page, url: str) -> None:
+    open_page(page, url)
+    set_max_new_tokens(page, 10)
+    send(page, "The cat sat")
+    wait_answered(page)
+
+    page.locator("#messages article.assistant .regenerate").click()
+    position = page.locator("#messages article.assistant .siblings .position")
+    expect(position).to_have_text("2/2")
+    wait_idle(page)
+    page.locator("#messages article.assistant .previous").click()
+    expect(position).to_have_text("1/2")
 
     # Edit the question: a second branch from the start.
-    _click(browser, "#messages article.user .edit", "Edit")
-    editor = _wait(lambda: browser.find_element(By.CSS_SELECTOR, ".editor textarea"), "editor")
-    editor.clear()
-    editor.send_keys("The dog ran")
-    _click(browser, ".editor .save-edit", "Send the edit")
-    user_position = "#messages article.user .siblings .position"
-    _wait(lambda: browser.find_element(By.CSS_SELECTOR, user_position).text == "2/2", "edit")
-    _wait(lambda: _idle(browser), "the answer to the edit")
-    assert browser.find_element(By.CSS_SELECTOR, "#messages article.user").text.startswith(
-        "You\nThe dog ran"
-    )
-    # The first branch is still there, with both of its answers.
-    _click(browser, "#messages article.user .previous", "< on the question")
-    _wait(
-        lambda: "The cat sat" in browser.find_element(By.CSS_SELECTOR, "#messages .user").text,
-        "the first branch",
-    )
-    # (shown with its newest answer)
-    _wait(lambda: browser.find_element(By.CSS_SELECTOR, position).text == "2/2", "its answers")
+    page.locator("#messages article.user .edit").click()
+    page.locator(".editor textarea").fill("The dog ran")
+    page.locator(".editor .save-edit").click()
+    user_position = page.locator("#messages article.user .siblings .position")
+    expect(user_position).to_have_text("2/2")
+    wait_idle(page)
+    expect(page.locator("#messages article.user .message-body")).to_have_text("The dog ran")
+    # The first branch is still there, with both of its answers (shown with the newest).
+    page.locator("#messages article.user .previous").click()
+    expect(page.locator("#messages article.user")).to_contain_text("The cat sat")
+    expect(position).to_have_text("2/2")
     # Reloaded, the page shows the branch last chosen.
-    _open_page(browser, url)
-    _click(browser, "#conversations .conversation-title", "the conversation")
-    _wait(lambda: "The cat sat" in browser.find_element(By.ID, "messages").text, "reloaded")
+    open_page(page, url)
+    page.locator("#conversations .conversation-title").click()
+    expect(page.locator("#messages")).to_contain_text("The cat sat")
     # Search finds the other branch's question, and opens the conversation on that branch.
-    browser.find_element(By.ID, "search").send_keys("dog ran")
-    _click(browser, "#conversations .search-results .conversation-title", "a search result")
-    _wait(lambda: "The dog ran" in browser.find_element(By.ID, "messages").text, "the found one")
+    page.locator("#search").fill("dog ran")
+    page.locator("#conversations .search-results .conversation-title").click()
+    expect(page.locator("#messages")).to_contain_text("The dog ran")
 
 
-def test_xss_payloads_render_as_text(browser: WebDriver, url: str, chat_db: Path) -> None:
-    _open_page(browser, url)
-    owner = browser.get_cookie(COOKIE)["value"]
-    # The answer is written to the store directly: no model would write these on cue.
-    store = ChatStore(chat_db)
-    conversation = store.create_conversation(owner, "<img src=x onerror=window.__pwned=1>")
-    question = store.add_message(
-        owner, conversation.id, None, Role.USER, '<script>window.__pwned="user"</script>'
-    )
-    store.add_message(
-        owner, conversation.id, question.id, Role.ASSISTANT, XSS_ANSWER, MessageStatus.COMPLETE
-    )
-    store.close()
+def test_xss_payloads_render_as_text(
+    page: Page, context: BrowserContext, url: str, chat_db: Path
+) -> None:
+    open_page(page, url)
+    title = "<img src=x onerror=window.__pwned=1>"
+    user_payload = '<script>window.__pwned="user"</script>'
+    plant_conversation(chat_db, owner_cookie(context), title, user_payload, XSS_ANSWER)
 
-    _open_page(browser, url)
-    item = _wait(
-        lambda: browser.find_element(By.CSS_SELECTOR, "#conversations .conversation-title"),
-        "the planted conversation",
-    )
-    assert item.text == "<img src=x onerror=window.__pwned=1>"
-    _click(browser, "#conversations .conversation-title", "the planted conversation")
-    answer = _wait(lambda: _assistant_messages(browser)[0], "the planted answer")
-    messages = browser.find_element(By.ID, "messages")
+    open_page(page, url)
+    item = page.locator("#conversations .conversation-title")
+    expect(item).to_have_text(title)
+    item.click()
+    expect(page.locator("#chat-title")).to_have_text(title)
+    answer = assistant_messages(page).first
+    expect(answer).to_contain_text("Here you go")
+    messages = page.locator("#messages")
 
     # Every payload is shown as the characters it is, and none ran.
-    text = messages.text
+    text = messages.inner_text()
     for visible in (
-        '<script>window.__pwned="user"</script>',
+        user_payload,
         '<script>window.__pwned = "script"</script>',
         "<img src=x onerror=\"window.__pwned = 'img'\">",
         "<svg onload=",
@@ -317,31 +253,26 @@ def test_xss_payloads_render_as_text(browser: WebDriver, url: str, chat_db: Path
     ):
         assert visible in text, visible
     for tag in ("script", "img", "svg", "iframe", "object", "embed", "style"):
-        assert messages.find_elements(By.TAG_NAME, tag) == [], tag
-    hrefs = [a.get_attribute("href") for a in messages.find_elements(By.TAG_NAME, "a")]
-    assert hrefs == ["https://example.com/docs"]
+        assert messages.locator(tag).count() == 0, tag
+    anchors = messages.locator("a")
+    assert anchors.evaluate_all("(as) => as.map((a) => a.href)") == ["https://example.com/docs"]
+    # Links open elsewhere and tell the target nothing.
+    assert anchors.evaluate_all("(as) => as.map((a) => a.rel)") == ["noopener noreferrer nofollow"]
     # Markdown still renders: a table, inline code, a code block with its Copy button.
-    assert answer.find_element(By.CSS_SELECTOR, "table td strong").text == "bold"
-    assert answer.find_element(By.CSS_SELECTOR, "p code").text == "<b>code</b>"
-    assert answer.find_element(By.CSS_SELECTOR, ".code-block .copy").text == "Copy"
-    # Clicking what would have been links runs nothing either.
-    for anchor in messages.find_elements(By.TAG_NAME, "a"):
-        assert anchor.get_attribute("rel") == "noopener noreferrer nofollow"
-    assert _pwned(browser) is None
+    expect(answer.locator("table td strong")).to_have_text("bold")
+    expect(answer.locator("p code")).to_have_text("<b>code</b>")
+    expect(answer.locator(".code-block .copy")).to_have_text("Copy")
+    assert _pwned(page) is None
 
     # A payload typed by the user is text too.
-    _click(browser, "#new-chat", "New chat")
+    page.locator("#new-chat").click()
+    set_max_new_tokens(page, 5)
     typed = "<img src=x onerror=\"window.__pwned='typed'\"> [x](javascript:alert(1))"
-    _send(browser, typed)
-    body = "#messages .user .message-body"
-    _wait(lambda: browser.find_element(By.CSS_SELECTOR, body).text == typed, "the typed text")
-    _wait(lambda: _idle(browser), "its answer")
-    messages = browser.find_element(By.ID, "messages")
-    assert messages.find_elements(By.TAG_NAME, "img") == []
-    assert _pwned(browser) is None
-    # And the page itself never tripped its own Content-Security-Policy.
-    logs = browser.get_log("browser")
-    assert not [e for e in logs if "Content Security Policy" in e["message"]], logs
+    send(page, typed)
+    expect(page.locator("#messages .user .message-body")).to_have_text(typed)
+    wait_idle(page)
+    assert page.locator("#messages img").count() == 0
+    assert _pwned(page) is None
 
 
 MARKDOWN_CASES = {
@@ -378,24 +309,70 @@ UNSAFE_TARGETS = [
     "/relative/path",
     "//evil.example/x",
 ]
+_RENDER = """async (text) => {
+    const md = await import('/ui/markdown.js');
+    const box = document.createElement('div');
+    box.append(md.renderMarkdown(text));
+    return box.innerHTML;
+}"""
 
 
-def test_markdown_renderer(browser: WebDriver, url: str) -> None:
+def test_markdown_renderer(page: Page, url: str) -> None:
     """kiln's Markdown renderer, run in the browser on known inputs."""
-    _open_page(browser, url)
-    render = """
-        const [text, done] = arguments;
-        import('/ui/markdown.js').then((md) => {
-            const box = document.createElement('div');
-            box.append(md.renderMarkdown(text));
-            done(box.innerHTML);
-        });
-    """
+    open_page(page, url)
     for source, expected in MARKDOWN_CASES.items():
-        assert browser.execute_async_script(render, source) == expected, source
+        assert page.evaluate(_RENDER, source) == expected, source
     for target in UNSAFE_TARGETS:
-        html = browser.execute_async_script(render, f"[x]({target}) ![y]({target})")
+        html = page.evaluate(_RENDER, f"[x]({target}) ![y]({target})")
         assert "<a" not in html and "<img" not in html, (target, html)
-    fence = browser.execute_async_script(render, "```python\nx = 1  # unclosed, still streaming")
+    fence = page.evaluate(_RENDER, "```python\nx = 1  # unclosed, still streaming")
     assert 'class="code-block"' in fence and '<span class="tok-comment">' in fence
-    assert _pwned(browser) is None
+    assert _pwned(page) is None
+
+
+def test_export_then_import(page: Page, context: BrowserContext, url: str, tmp_path: Path) -> None:
+    open_page(page, url)
+    set_max_new_tokens(page, 8)
+    send(page, "The fox jumped")
+    answer = wait_answered(page).locator(".message-body").inner_text()
+
+    # Export: JSON (the whole conversation) and Markdown (the branch shown), as downloads.
+    page.locator("#export-menu summary").click()
+    with page.expect_download() as json_download:
+        page.locator("#export-json").click()
+    exported_path = tmp_path / json_download.value.suggested_filename
+    json_download.value.save_as(exported_path)
+    assert exported_path.suffix == ".json"
+    exported = json.loads(exported_path.read_text())
+    [conversation] = exported["conversations"]
+    assert conversation["title"] == "The fox jumped"
+    assert [m["role"] for m in conversation["messages"]] == ["user", "assistant"]
+    assert conversation["messages"][0]["content"] == "The fox jumped"
+    assert conversation["messages"][1]["model"] == "stories"
+    page.locator("#export-menu summary").click()
+    with page.expect_download() as markdown_download:
+        page.locator("#export-markdown").click()
+    assert markdown_download.value.suggested_filename.endswith(".md")
+    markdown = Path(markdown_download.value.path()).read_text()
+    assert markdown.startswith("# The fox jumped\n") and "## User\n\nThe fox jumped" in markdown
+
+    # The conversation is deleted (through the API, with the page's cookie), then imported
+    # back from the file: the same messages.
+    deleted = context.request.delete(f"{url}/api/chat/conversations/{conversation['id']}")
+    assert deleted.status == 204
+    open_page(page, url)
+    titles = page.locator("#conversations .conversation-title")
+    expect(page.locator("#conversations")).to_contain_text("No conversations yet.")
+    page.locator("#import-file").set_input_files(exported_path)
+    expect(page.locator("#notice")).to_contain_text("Imported 1 conversation")
+    expect(page.locator("#chat-title")).to_have_text("The fox jumped")
+    expect(page.locator("#messages")).to_contain_text("The fox jumped")
+    expect(page.locator("#messages")).to_contain_text(answer)
+    expect(titles).to_have_text(["The fox jumped"])
+
+    # A file that is no export: refused with the server's reason, nothing imported.
+    bad = tmp_path / "notes.json"
+    bad.write_text('{"hello": "world"}')
+    page.locator("#import-file").set_input_files(bad)
+    expect(page.locator("#notice")).to_contain_text("not a kiln chat export")
+    expect(titles).to_have_text(["The fox jumped"])

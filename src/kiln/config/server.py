@@ -22,7 +22,8 @@ class ServerConfig:
         max_body_bytes: largest request body accepted (413 beyond it).
         shutdown_timeout: seconds in-flight requests get to finish on SIGTERM.
         model_id: the name clients see (default: what --model was).
-        chat_db: the web chat's SQLite file (None: kept in memory, lost at shutdown).
+        chat_db: the web chat's store: a SQLite file or a postgresql:// URL (None: kept in
+            memory, lost at shutdown).
     """
 
     host: str = "127.0.0.1"

@@ -1,5 +1,6 @@
-"""The conversation store of the web chat: conversations and their message trees in SQLite,
-behind :class:`ChatStore`. Knows nothing of the engine or of HTTP."""
+"""The conversation store of the web chat: conversations and their message trees in SQLite or
+PostgreSQL (SQLAlchemy Core, Alembic migrations), behind :class:`ChatStore`. Knows nothing of
+the engine or of HTTP."""
 
 from kiln.store.records import (
     Conversation,
@@ -9,9 +10,10 @@ from kiln.store.records import (
     Role,
     SearchHit,
 )
-from kiln.store.sqlite import ChatStore
+from kiln.store.repository import DEFAULT_TITLE, ChatStore
 
 __all__ = [
+    "DEFAULT_TITLE",
     "ChatStore",
     "Conversation",
     "GenerationSettings",

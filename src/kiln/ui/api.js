@@ -92,3 +92,19 @@ export async function streamEvents(path, body, onEvent, signal) {
     }
   }
 }
+
+/** Fetch `path` and save what it answers as a file (named by its Content-Disposition).
+ * NOTE: fetched rather than linked, so that the API key (a header) goes with it. */
+export async function download(path, fallbackName) {
+  const response = await send(path);
+  const disposition = response.headers.get("Content-Disposition") ?? "";
+  const name = /filename="([^"]+)"/.exec(disposition)?.[1] ?? fallbackName;
+  const url = URL.createObjectURL(await response.blob());
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = name;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
+}

@@ -1,7 +1,7 @@
 // The chat page: wires the conversation list, the messages of the branch shown, the composer
 // (send, stop), the settings dialog and the model picker to kiln's chat API.
 
-import { getJson, sendJson, streamEvents } from "./api.js";
+import { download, getJson, sendJson, streamEvents } from "./api.js";
 import { renderConversations, renderSearchResults } from "./conversations.js";
 import { fillBody, renderMessage } from "./messages.js";
 import { ModelPicker } from "./models.js";
@@ -277,6 +277,54 @@ async function saveSettings(changes) {
   await openConversation(state.current.id);
 }
 
+// --- export, import -------------------------------------------------------------------------
+
+async function exportCurrent(format) {
+  $("export-menu").open = false;
+  if (!state.current) {
+    showNotice("Nothing to export yet: open a conversation first.");
+    return;
+  }
+  try {
+    await download(
+      `${API}/conversations/${state.current.id}/export?format=${format}`,
+      format === "markdown" ? "kiln-chat.md" : "kiln-chat.json",
+    );
+  } catch (error) {
+    showNotice(error.message);
+  }
+}
+
+async function exportAll() {
+  try {
+    await download(`${API}/export`, "kiln-chats.json");
+  } catch (error) {
+    showNotice(error.message);
+  }
+}
+
+/** Import the JSON export chosen in the file picker; shows the first conversation it made. */
+async function importFile(input) {
+  const file = input.files?.[0];
+  input.value = ""; // choosing the same file again is a new import
+  if (!file || state.streaming) return;
+  let document_;
+  try {
+    document_ = JSON.parse(await file.text());
+  } catch {
+    showNotice(`${file.name} is not a JSON file: import takes a kiln JSON export.`);
+    return;
+  }
+  try {
+    const { conversations } = await sendJson("POST", `${API}/import`, document_);
+    const count = conversations.length;
+    showNotice(`Imported ${count} conversation${count === 1 ? "" : "s"} from ${file.name}.`);
+    await openConversation(conversations[0].id);
+  } catch (error) {
+    showNotice(`Import failed: ${error.message}`);
+  }
+}
+
 // --- layout, theme, keys --------------------------------------------------------------------
 
 function closeSidebarOnPhone() {
@@ -335,6 +383,15 @@ function main() {
     settings.open(state.current, state.defaults?.settings),
   );
   $("theme").addEventListener("click", toggleTheme);
+  $("export-json").addEventListener("click", () => exportCurrent("json"));
+  $("export-markdown").addEventListener("click", () => exportCurrent("markdown"));
+  $("export-all").addEventListener("click", exportAll);
+  $("import").addEventListener("click", () => $("import-file").click());
+  $("import-file").addEventListener("change", (event) => importFile(event.target));
+  document.addEventListener("click", (event) => {
+    const menu = $("export-menu");
+    if (menu.open && !menu.contains(event.target)) menu.open = false; // a click elsewhere
+  });
   $("open-sidebar").addEventListener("click", () => document.body.classList.add("sidebar-open"));
   $("close-sidebar").addEventListener("click", closeSidebarOnPhone);
   document.addEventListener("keydown", onKey);

@@ -9,8 +9,9 @@ from kiln.store import ChatStore
 
 
 def install_chat(app: FastAPI, chat_db: str | None) -> ChatStore:
-    """Mount the chat API and page on ``app`` with a store at ``chat_db`` (None: in memory,
-    gone when the server stops). Returns the store, for the app to close at shutdown."""
+    """Mount the chat API and page on ``app`` with a store at ``chat_db`` (a SQLite file or a
+    ``postgresql://`` URL; None: in memory, gone when the server stops). Returns the store,
+    for the app to close at shutdown."""
     from kiln.server.chat import page, routes
     from kiln.server.chat.answers import RunningAnswers
     from kiln.server.chat.owner import OwnerCookie

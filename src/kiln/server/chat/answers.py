@@ -36,8 +36,15 @@ from kiln.server.state import disconnect_watch
 from kiln.serving.generation import Choice, ClientDisconnectedError, Generation
 from kiln.serving.served_model import ServedModel
 from kiln.serving.service import Serving
-from kiln.store import ChatStore, Conversation, GenerationSettings, Message, MessageStatus, Role
-from kiln.store.sqlite import DEFAULT_TITLE
+from kiln.store import (
+    DEFAULT_TITLE,
+    ChatStore,
+    Conversation,
+    GenerationSettings,
+    Message,
+    MessageStatus,
+    Role,
+)
 from kiln.text.history import render_prompt
 
 TUTORIAL_DEFAULTS: dict[str, Any] = {

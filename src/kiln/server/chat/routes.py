@@ -13,6 +13,10 @@
   (202); its engine request is aborted and its text so far kept, marked ``stopped``.
 - ``GET /search?q=``: messages containing every word; ``GET /defaults``: the active model
   and its default settings.
+- ``GET /conversations/{id}/export?format=json|markdown``: one conversation as a download,
+  JSON (lossless: every branch, settings, the model of each message) or Markdown (the branch
+  shown); ``GET /export``: all of the owner's conversations as JSON; ``POST /import`` (201): a
+  JSON export, stored as new conversations of the caller (see :mod:`.transfer`).
 
 Another owner's conversation answers 404, as one that does not exist. Errors have TGI's shape
 (``{"error", "error_type"}``): 422 for invalid input, 404, 409, 403 for a cross-site write.
@@ -20,15 +24,16 @@ Another owner's conversation answers 404, as one that does not exist. Errors hav
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from kiln.errors import ConflictError, InvalidRequestError
 from kiln.server.chat.answers import AnswerRequest, RunningAnswers, default_settings, stream_answer
 from kiln.server.chat.owner import OwnerDep, same_origin
 from kiln.server.chat.schemas import ConversationChanges, NewConversation, NewMessage, Settings
+from kiln.server.chat.transfer import export_file, filename, parse_import, to_markdown, to_records
 from kiln.server.errors import TGIRoute
 from kiln.server.state import ServingDep
 from kiln.store import ChatStore, GenerationSettings, Role
@@ -208,3 +213,45 @@ async def defaults(serving: ServingDep) -> dict[str, Any]:
     """The model that answers now, and the settings a conversation gets when it sets none."""
     model = serving.models.current()
     return {"model": model.name, "settings": default_settings(model)}
+
+
+# --- export, import ---------------------------------------------------------------------------
+
+
+def _download(name: str) -> dict[str, str]:
+    return {"Content-Disposition": f'attachment; filename="{name}"'}
+
+
+@router.get("/conversations/{conversation_id}/export")
+async def export_conversation(
+    conversation_id: str,
+    store: StoreDep,
+    owner: OwnerDep,
+    kind: Annotated[Literal["json", "markdown"], Query(alias="format")] = "json",
+) -> Response:
+    conversation = store.conversation(owner, conversation_id)
+    if kind == "markdown":
+        branch = store.branch(owner, conversation_id, conversation.current_leaf_id)
+        return Response(
+            to_markdown(conversation, branch),
+            media_type="text/markdown; charset=utf-8",
+            headers=_download(filename(conversation, ".md")),
+        )
+    document = export_file([(conversation, store.messages(owner, conversation_id))])
+    return JSONResponse(document, headers=_download(filename(conversation, ".json")))
+
+
+@router.get("/export")
+async def export_all(store: StoreDep, owner: OwnerDep) -> JSONResponse:
+    conversations = store.conversations(owner)
+    document = export_file([(c, store.messages(owner, c.id)) for c in conversations])
+    return JSONResponse(document, headers=_download("kiln-chats.json"))
+
+
+@router.post("/import", status_code=201)
+async def import_conversations(
+    body: Annotated[dict[str, Any], Body()], store: StoreDep, owner: OwnerDep
+) -> dict[str, Any]:
+    """Store the conversations of a JSON export as new ones of the caller (all or none)."""
+    created = store.import_conversations(owner, to_records(parse_import(body)))
+    return {"conversations": [c.to_dict() for c in created]}
