@@ -58,3 +58,7 @@ class ConflictError(KilnError):
 
 class EngineFailureError(KilnError):
     """The engine failed while generating a request that had been accepted."""
+
+
+class WorkerFailedError(EngineFailureError):
+    """A tensor-parallel worker process died or failed: the engine cannot run another step."""

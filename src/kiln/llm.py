@@ -59,6 +59,17 @@ class LLM:
         self.max_model_len = loaded.max_model_len
         self._request_counter = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stop what the engine runs beside this process (``tp`` > 1: its worker processes,
+        which are otherwise stopped when the LLM is garbage-collected or at exit)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
     @property
     def model(self) -> CausalLM:
         return self.engine.runner.model

@@ -16,6 +16,8 @@ def generate(
     model: ModelOptions,
     sampling: SamplingOptions,
     prompt: str | None = None,
+    instruction: str | None = None,
+    context: str | None = None,
 ) -> int:
     """Complete a prompt and stream the text to stdout.
 
@@ -24,8 +26,20 @@ def generate(
 
     Args:
         prompt: the text to complete.
+        instruction: an instruction to answer, in the Dolly prompt `kiln finetune` trains with
+            (### Instruction, ### Context, ### Answer), instead of --prompt.
+        context: a passage the --instruction refers to (the prompt's ### Context section).
     """
-    from kiln.errors import KilnError
+    from kiln.errors import InvalidRequestError, KilnError
+
+    if instruction is not None:
+        from kiln.train.data import dolly_prompt
+
+        if prompt is not None:
+            raise InvalidRequestError("give --prompt or --instruction, not both")
+        prompt = dolly_prompt(instruction, context or "")
+    elif context is not None:
+        raise InvalidRequestError("--context goes with --instruction")
 
     # NOTE: built before the model loads, so a bad sampling flag fails at once.
     params = sampling.to_params(temperature=0.0)

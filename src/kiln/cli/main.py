@@ -12,7 +12,7 @@ from kiln.cli.bench import bench_cpu, bench_generate, bench_offline, bench_quali
 from kiln.cli.chat import chat
 from kiln.cli.deploy import add_deploy_commands
 from kiln.cli.export import add_export_commands
-from kiln.cli.finetune import finetune
+from kiln.cli.finetune import add_finetune_commands
 from kiln.cli.generate import generate
 from kiln.cli.loadtest import add_loadtest_commands
 from kiln.cli.plan import plan
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(commands, generate)
     add_command(commands, chat)
     add_command(commands, serve)
-    add_command(commands, finetune)
+    add_finetune_commands(commands)  # finetune, finetune eval
     add_command(commands, plan)
     bench = commands.add_parser("bench", help="benchmarks that print ratios against a peer")
     benches = bench.add_subparsers(title="benchmarks", required=True, metavar="BENCH")

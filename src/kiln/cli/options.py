@@ -27,6 +27,10 @@ class ModelOptions:
         threads: CPU threads for torch (default: torch's choice).
         allow_recompile: load an exported artifact (kiln export) made by another kiln or torch
             version or for another device, with a warning, instead of refusing it.
+        adapter: a LoRA adapter directory (kiln finetune's OUTPUT/adapter) to apply on top of
+            the model without merging it.
+        tp: tensor-parallel degree: shard the model over this many worker processes (heads,
+            KV heads and vocabulary must divide it; float weights only).
     """
 
     model: str | None = None
@@ -37,11 +41,13 @@ class ModelOptions:
     chat_template: str | None = None
     threads: int | None = None
     allow_recompile: bool = False
+    adapter: str | None = None
+    tp: int = 1
 
     def __post_init__(self) -> None:
         from kiln.errors import InvalidRequestError
 
-        for name in ("max_model_len", "threads"):
+        for name in ("max_model_len", "threads", "tp"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 flag = "--" + name.replace("_", "-")
@@ -72,6 +78,8 @@ class ModelOptions:
             max_model_len=self.max_model_len,
             chat_template=self.chat_template,
             allow_recompile=self.allow_recompile,
+            adapter=self.adapter,
+            tp=self.tp,
             **engine_options,
         )
 

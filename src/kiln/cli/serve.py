@@ -36,6 +36,11 @@ class ServedModels(ModelOptions):
         threads: CPU threads for torch (default: torch's choice).
         allow_recompile: load an exported artifact (kiln export) made by another kiln or torch
             version or for another device, with a warning, instead of refusing it.
+        adapter: a LoRA adapter directory (kiln finetune's OUTPUT/adapter) applied on top of
+            the served model(s) without merging (per model: an "adapter" key in
+            --models-config).
+        tp: tensor-parallel degree: shard each served model over this many worker processes
+            (heads, KV heads and vocabulary must divide it; float weights only).
     """
 
     model: list[str] | None = None  # type: ignore[assignment]
@@ -58,6 +63,8 @@ def model_specs(
         "max_model_len": models.max_model_len,
         "chat_template": models.chat_template,
         "allow_recompile": models.allow_recompile,
+        "adapter": models.adapter,
+        "tp": models.tp,
         **engine_options,
     }
     specs = [ModelSpec.parse(m, **options) for m in models.model or []]
@@ -89,7 +96,7 @@ def serve(
     models_config: str | None = None,
     switch_wait_seconds: float = 30.0,
     shutdown_timeout: float = 30.0,
-    chat_db: str | None = None,
+    db: str | None = None,
 ) -> int:
     """Serve a model over HTTP: TGI routes (/generate, /generate_stream, /info...) and
     OpenAI routes (/v1/chat/completions, /v1/completions, /v1/models); with several models,
@@ -109,7 +116,8 @@ def serve(
         switch_wait_seconds: how long a request that arrives during a model switch waits for
             the next model before a 503 with Retry-After.
         shutdown_timeout: seconds in-flight requests get to finish on SIGTERM.
-        chat_db: the SQLite file of the web chat's conversations (the page at /); default:
+        db: where the web chat's conversations live (the page at /): a SQLite file, or a
+            postgresql://user:pass@host/db URL for a store shared by several servers; default:
             kiln/chat.sqlite3 under $XDG_DATA_HOME or ~/.local/share.
     """
     import torch
@@ -129,7 +137,7 @@ def serve(
         api_key=api_key,
         shutdown_timeout=shutdown_timeout,
         model_id=model_id,
-        chat_db=str(chat_db or default_chat_db()),
+        chat_db=str(db or default_chat_db()),
     )
     specs, default = model_specs(model, models_config, model_id, **engine.as_options())
     for device in {s.options.get("device") for s in specs} - {None}:

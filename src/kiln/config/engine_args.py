@@ -43,6 +43,12 @@ class EngineArgs:
         enable_prefix_caching: reuse the KV cache of a prompt's longest already-seen prefix.
         allow_recompile: load an exported artifact made by another kiln or torch version, or
             for another device, with a warning, instead of refusing it.
+        adapter: a LoRA adapter directory (``kiln finetune``'s ``OUT/adapter``, or PEFT's
+            ``adapter_config.json`` + ``adapter_model.safetensors``) applied on top of the
+            model without merging it.
+        tp: tensor-parallel degree: shard attention heads, MLP and vocabulary over this many
+            worker processes kiln starts itself (gloo on CPU, NCCL with one GPU each on CUDA);
+            float weights only (a GGUF is dequantized).
     """
 
     model: str | None = None
@@ -57,8 +63,17 @@ class EngineArgs:
     block_size: int = 16
     enable_prefix_caching: bool = True
     allow_recompile: bool = False
+    adapter: str | None = None
+    tp: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.tp, bool) or not isinstance(self.tp, int) or self.tp < 1:
+            raise ConfigError(f"tp must be an integer >= 1, got {self.tp!r}")
+        if self.tp > 1 and self.quantize in ("int8", "int4"):
+            raise ConfigError(
+                f"quantize={self.quantize} does not combine with tp={self.tp}: tensor "
+                "parallelism shards float weights (leave quantize unset, or none)"
+            )
         if self.quantize not in (None, *QUANTIZE_CHOICES):
             raise ConfigError(
                 f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}"

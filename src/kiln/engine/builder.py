@@ -16,6 +16,7 @@ from kiln.config.engine_args import EngineArgs
 from kiln.engine.engine import Engine
 from kiln.engine.executor import InProcessExecutor
 from kiln.engine.kv_cache import allocate_kv_cache, num_kv_blocks
+from kiln.engine.multiproc_executor import MultiprocExecutor
 from kiln.engine.runner import ModelRunner
 from kiln.export.reader import open_artifact
 from kiln.kernels.native import cpu_kernels
@@ -101,6 +102,13 @@ def build_engine(args: EngineArgs, *, progress: bool = False) -> LoadedEngine:
         args.max_model_len or config.max_position_embeddings, config.max_position_embeddings
     )
     tokenizer = Tokenizer(checkpoint.tokenizer, checkpoint.tokenizer_config)
+    if args.tp > 1:
+        if artifact is not None or args.adapter is not None:
+            raise ConfigError("tp > 1 loads a checkpoint's float weights: no artifact or adapter")
+        dtype = resolve_dtype(args.dtype, config, device)  # the ranks never quantize
+        return _build_tensor_parallel(
+            args, checkpoint, config, tokenizer, dtype, device, max_model_len
+        )
     if artifact is not None:
         model = artifact.build_model(config, device)
     else:
@@ -113,6 +121,12 @@ def build_engine(args: EngineArgs, *, progress: bool = False) -> LoadedEngine:
             progress=progress,
             quantize=args.quantize,
         )
+    if args.adapter is not None:
+        if artifact is not None:
+            raise ConfigError("an adapter cannot be applied to an exported artifact")
+        from kiln.train.adapter import load_adapter
+
+        load_adapter(model, args.adapter)
     cache_config = args.cache_config()
     num_blocks = num_kv_blocks(config, cache_config, dtype, device)
     kv_caches = allocate_kv_cache(config, num_blocks, args.block_size, dtype, device)
@@ -136,6 +150,43 @@ def build_engine(args: EngineArgs, *, progress: bool = False) -> LoadedEngine:
         config=config,
         tokenizer=tokenizer,
         device=device,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        engine=engine,
+    )
+
+
+def _build_tensor_parallel(
+    args: EngineArgs,
+    checkpoint: Checkpoint,
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_model_len: int,
+) -> LoadedEngine:
+    """An engine over ``args.tp`` worker processes, each loading its own shard."""
+    eos_token_ids = frozenset(config.eos_token_ids) | (
+        {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    )
+    executor = MultiprocExecutor(
+        args, str(checkpoint.path), config, dtype, device, max_model_len, eos_token_ids
+    )
+    engine = Engine(
+        executor,
+        tokenizer,
+        args.scheduler_config(),
+        executor.num_blocks,
+        max_model_len,
+        eos_token_ids,
+        enable_prefix_caching=args.enable_prefix_caching,
+    )
+    return LoadedEngine(
+        args=args,
+        checkpoint=checkpoint,
+        config=config,
+        tokenizer=tokenizer,
+        device=executor.device,
         dtype=dtype,
         max_model_len=max_model_len,
         engine=engine,

@@ -112,6 +112,11 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def shutdown(self) -> None:
+        """Release the executor (a tensor-parallel one's worker processes); the engine cannot
+        step after this."""
+        self.executor.shutdown()
+
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:

@@ -88,6 +88,7 @@ class ServedModel:
         """Stop the engine and drop the model, so that its memory can be freed (blocks while
         the engine thread ends; unusable after)."""
         self.engine.stop()
+        self.engine.engine.shutdown()  # a tensor-parallel engine's workers exit now
         # NOTE: deleted rather than kept: whatever still holds this object (a finished
         # request's pinned model) must not keep the weights and the KV cache alive.
         self._loaded = None

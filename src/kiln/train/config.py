@@ -9,7 +9,7 @@ from typing import Any
 from kiln.errors import ConfigError
 from kiln.train.lora import LoRAConfig
 
-DATA_FORMATS = ("dolly",)
+DATA_FORMATS = ("dolly", "alpaca", "chat")
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,8 @@ class TrainConfig:
     """How to fine-tune (see ``kiln finetune --help`` for each field)."""
 
     data_format: str = "dolly"
+    chat_template: str | None = None
+    """The chat format's template: a built-in name or a file (None: the model's own)."""
     sequence_length: int = 512
     packing: bool = True
     lora: LoRAConfig | None = field(default_factory=LoRAConfig)
@@ -35,6 +37,12 @@ class TrainConfig:
     eval_every: int | None = None
     save_every: int | None = None
     seed: int = 0
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping
+    them: less memory for more compute (the losses do not change)."""
+    bf16: bool = False
+    """Run the forward under bfloat16 autocast (weights, optimizer state and the loss stay
+    float32)."""
 
     def __post_init__(self) -> None:
         if self.data_format not in DATA_FORMATS:
@@ -60,5 +68,6 @@ class TrainConfig:
 
     def resume_key(self) -> dict[str, Any]:
         """What must match for a checkpoint to continue this run exactly (how often to save or
-        evaluate may change)."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("save_every", "eval_every")}
+        evaluate, and gradient checkpointing, which changes no number, may change)."""
+        free = ("save_every", "eval_every", "gradient_checkpointing")
+        return {k: v for k, v in self.to_dict().items() if k not in free}

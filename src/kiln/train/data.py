@@ -73,13 +73,19 @@ def read_dolly(path: str | Path) -> list[Record]:
 
 
 def tokenize_dolly(record: Record, tokenizer: Tokenizer) -> Example:
+    return tokenize_prompt_response(
+        dolly_prompt(record.instruction, record.context), record.response, tokenizer
+    )
+
+
+def tokenize_prompt_response(prompt: str, response: str, tokenizer: Tokenizer) -> Example:
     """Prompt and response tokenized apart (so the boundary, and the mask, are exact), the
     response followed by EOS so the model learns where an answer stops."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("the tokenizer has no EOS token: packing needs one between samples")
-    prompt_ids = tokenizer.encode(dolly_prompt(record.instruction, record.context))
-    response_ids = [*tokenizer.encode(record.response.strip(), add_special_tokens=False), eos]
+    prompt_ids = tokenizer.encode(prompt)
+    response_ids = [*tokenizer.encode(response.strip(), add_special_tokens=False), eos]
     return Example(
         token_ids=prompt_ids + response_ids,
         loss_mask=[False] * len(prompt_ids) + [True] * len(response_ids),

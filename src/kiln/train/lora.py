@@ -55,14 +55,21 @@ class LoRALinear(nn.Module):
     starts from the base model exactly.
     """
 
-    def __init__(self, base: Linear, shards: dict[str, int], config: LoRAConfig) -> None:
+    def __init__(
+        self,
+        base: Linear,
+        shards: dict[str, int],
+        config: LoRAConfig,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.base = base
         self.shards = dict(sorted(shards.items(), key=lambda item: item[1]))
         """Adapted projection name -> its row block in ``base.output_sizes``."""
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.dropout)
-        dtype = base.weight.dtype
+        # NOTE: a quantized base (serving an adapter on a GGUF) has no float weight to follow.
+        dtype = dtype or base.weight.dtype
         self.lora_a = nn.ParameterDict()
         self.lora_b = nn.ParameterDict()
         for name, shard in self.shards.items():

@@ -6,8 +6,10 @@ import logging
 from pathlib import Path
 
 from kiln.errors import ConfigError
+from kiln.text import load_chat_template
 from kiln.train.config import TrainConfig
-from kiln.train.data import read_dolly, split, tokenize_dolly
+from kiln.train.data import split
+from kiln.train.formats import load_examples
 from kiln.train.model_io import load_for_training
 from kiln.train.trainer import Trainer, TrainResult
 
@@ -29,12 +31,19 @@ def finetune_run(
             f"{out} holds checkpoints of an earlier run: pass --resume, or another --output"
         )
     trainable = load_for_training(model, device)
-    records = read_dolly(data)
-    examples = [tokenize_dolly(r, trainable.tokenizer) for r in records]
+    examples = load_examples(
+        data,
+        config.data_format,
+        trainable.tokenizer,
+        lambda: load_chat_template(trainable.checkpoint.tokenizer_config, config.chat_template),
+    )
     train, evals = split(examples, config.eval_fraction, config.seed)
     trainer = Trainer(trainable, train, evals, config, out, progress=progress)
-    if resume and not trainer.resume():
+    resumed = resume and trainer.resume()
+    if resume and not resumed:
         logger.warning("--resume: no checkpoint under %s, starting from step 0", out)
+    resumed_from = trainer.step if resumed else None
     result = trainer.run()
+    result.resumed_from = resumed_from
     trainer.export()
     return result

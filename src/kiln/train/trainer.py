@@ -21,13 +21,14 @@ from kiln.train.checkpoints import latest_checkpoint, load_checkpoint, save_chec
 from kiln.train.config import TrainConfig
 from kiln.train.data import Example
 from kiln.train.lora import apply_lora, merge_lora
-from kiln.train.loss import loss_sum, mean_loss
+from kiln.train.loss import checkpoint_layers, loss_sum, mean_loss
 from kiln.train.model_io import TrainableModel, save_adapter, save_hf_model
 from kiln.train.packing import Batch, PackedSequence, collate, pack
 from kiln.train.schedule import warmup_cosine
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
 
 
 @dataclass
@@ -37,6 +38,8 @@ class TrainResult:
     eval_before: float | None = None
     eval_after: float | None = None
     tokens_per_s: float = 0.0
+    resumed_from: int | None = None
+    """The checkpoint step this run continued from (None: it started from step 0)."""
 
 
 class Trainer:
@@ -82,6 +85,8 @@ class Trainer:
         else:
             for param in self.model.parameters():
                 param.requires_grad_(True)
+        if config.gradient_checkpointing:
+            checkpoint_layers(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.lr, weight_decay=config.weight_decay
@@ -89,6 +94,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
         """Optimizer steps done."""
+
+    def _eval_loss(self) -> float:
+        return mean_loss(self.model, self.eval_batches, bf16=self.config.bf16)
 
     def _lr_factor(self, step: int) -> float:
         return warmup_cosine(step, self.warmup_steps, self.total_steps)
@@ -151,9 +159,10 @@ class Trainer:
         config, result = self.config, TrainResult()
         self.out.mkdir(parents=True, exist_ok=True)
         metrics = (self.out / METRICS_FILE).open("a", encoding="utf-8")
+        tensorboard = _tensorboard(self.out / TENSORBOARD_DIR)
         if self.step == 0 and self.eval_batches:
-            result.eval_before = mean_loss(self.model, self.eval_batches)
-            _log(metrics, {"step": 0, "eval_loss": result.eval_before})
+            result.eval_before = self._eval_loss()
+            _log(metrics, tensorboard, {"step": 0, "eval_loss": result.eval_before})
         end = min(self.total_steps, stop_after or self.total_steps)
         bar = tqdm(
             total=self.total_steps,
@@ -173,7 +182,7 @@ class Trainer:
             for batch in batches:
                 # Each micro-batch's summed loss over the step's label count: the accumulated
                 # gradient is that of the mean over every labelled token of the step.
-                loss = loss_sum(self.model, batch) / max(num_labels, 1)
+                loss = loss_sum(self.model, batch, config.bf16) / max(num_labels, 1)
                 loss.backward()
                 total += float(loss.detach())
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
@@ -193,8 +202,8 @@ class Trainer:
                 "tokens_per_s": tokens_done / elapsed,
             }
             if config.eval_every and self.step % config.eval_every == 0 and self.eval_batches:
-                record["eval_loss"] = mean_loss(self.model, self.eval_batches)
-            _log(metrics, record)
+                record["eval_loss"] = self._eval_loss()
+            _log(metrics, tensorboard, record)
             bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tokens_done / elapsed:.0f}")
             bar.update(1)
             if config.save_every and self.step % config.save_every == 0:
@@ -204,9 +213,11 @@ class Trainer:
         bar.close()
         result.tokens_per_s = tokens_done / max(time.perf_counter() - started, 1e-9)
         if self.step >= self.total_steps and self.eval_batches:
-            result.eval_after = mean_loss(self.model, self.eval_batches)
-            _log(metrics, {"step": self.step, "eval_loss": result.eval_after})
+            result.eval_after = self._eval_loss()
+            _log(metrics, tensorboard, {"step": self.step, "eval_loss": result.eval_after})
         metrics.close()
+        if tensorboard is not None:
+            tensorboard.close()
         return result
 
     def export(self) -> None:
@@ -223,9 +234,23 @@ def _batches(sequences: list[PackedSequence], size: int) -> list[Batch]:
     return [collate(sequences[i : i + size]) for i in range(0, len(sequences), size)]
 
 
-def _log(file: Any, record: dict[str, Any]) -> None:
+def _log(file: Any, tensorboard: Any, record: dict[str, Any]) -> None:
     file.write(json.dumps(record) + "\n")
     file.flush()
+    if tensorboard is not None:
+        for key, value in record.items():
+            if key != "step":
+                tensorboard.add_scalar(f"train/{key}", value, record["step"])
+
+
+def _tensorboard(log_dir: Path) -> Any:
+    """A TensorBoard writer when ``tensorboard`` is installed, else None: the metrics JSONL
+    holds the same figures either way."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(log_dir))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

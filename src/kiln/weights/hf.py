@@ -110,6 +110,13 @@ def _weight_files(path: Path) -> tuple[list[Path], FileReader]:
     )
 
 
+def safetensors_files(path: Path) -> list[Path]:
+    """The safetensors files a Hugging Face directory's weights are read from (empty when they
+    are PyTorch .bin files): for readers of parts of tensors (a tensor-parallel rank)."""
+    files, read_file = _weight_files(path)
+    return files if read_file is _read_safetensors else []
+
+
 def _indexed_shards(index_file: Path) -> list[Path]:
     weight_map = read_json(index_file).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:

@@ -1,0 +1,1 @@
+"""Tensor parallelism: the rank's process group and the post-load sharding transform."""
