@@ -131,6 +131,9 @@ def test_the_page_has_a_strict_csp(url: str) -> None:
     for asset in ("app.js", "markdown.js", "style.css"):
         response = httpx.get(f"{url}/ui/{asset}", timeout=TIMEOUT_S)
         assert response.status_code == 200 and "content-security-policy" in response.headers
+    # The built stylesheet (KaTeX's) is a file of ours too.
+    assert 'href="/ui/app.css"' in page.text
+    assert httpx.get(f"{url}/ui/app.css", timeout=TIMEOUT_S).status_code == 200
     assert httpx.get(url + "/ui/..%2Fllm.py", timeout=TIMEOUT_S).status_code == 404
     assert httpx.get(url + "/ui/nothing.js", timeout=TIMEOUT_S).status_code == 404
 
@@ -309,6 +312,47 @@ UNSAFE_TARGETS = [
     "/relative/path",
     "//evil.example/x",
 ]
+MATH_CASES = {
+    "Euler: $e^{i\\pi} + 1 = 0$ and \\(x_1\\).": False,
+    "Sum:\n\n$$\n\\sum_{k=1}^{n} k = \\frac{n(n+1)}{2}\n$$\n\nthen text": True,
+    "Inline display $$\\int_0^1 x\\,dx$$ and \\[a^2 + b^2 = c^2\\]": True,
+    "| a | b |\n|---|---|\n| $\\alpha$ | $$\\beta$$ |": True,
+}
+UNSAFE_TEX = [
+    "$\\href{javascript:alert(1)}{click}$",
+    "$$\\url{https://example.com}$$",
+    "$\\includegraphics{https://example.com/x.png}$",
+    "$\\htmlClass{x}{y} \\htmlStyle{color:red}{z} \\htmlData{a=b}{c}$",
+    "$<img src=x onerror=alert(1)>$",
+]
+_TYPESET = """async (text) => {
+    const md = await import('/ui/markdown.js');
+    const box = document.createElement('div');
+    box.className = 'message-body';
+    box.append(md.renderMarkdown(text));
+    document.body.append(box);
+    await document.fonts.ready;
+    const mathml = box.querySelector('.katex-mathml');
+    const result = {
+        mathml_hidden: mathml !== null && getComputedStyle(mathml).position === 'absolute',
+        katex_fonts: [...document.fonts]
+            .filter((f) => f.family.startsWith('KaTeX') && f.status === 'loaded')
+            .map((f) => f.family),
+    };
+    box.remove();
+    return result;
+}"""
+# The tags and attribute names of everything the renderer made of a text.
+_ELEMENTS = """async (text) => {
+    const md = await import('/ui/markdown.js');
+    const box = document.createElement('div');
+    box.append(md.renderMarkdown(text));
+    const elements = [...box.querySelectorAll('*')];
+    return {
+        tags: [...new Set(elements.map((e) => e.localName))],
+        attributes: [...new Set(elements.flatMap((e) => e.getAttributeNames()))],
+    };
+}"""
 _RENDER = """async (text) => {
     const md = await import('/ui/markdown.js');
     const box = document.createElement('div');
@@ -326,7 +370,31 @@ def test_markdown_renderer(page: Page, url: str) -> None:
         html = page.evaluate(_RENDER, f"[x]({target}) ![y]({target})")
         assert "<a" not in html and "<img" not in html, (target, html)
     fence = page.evaluate(_RENDER, "```python\nx = 1  # unclosed, still streaming")
-    assert 'class="code-block"' in fence and '<span class="tok-comment">' in fence
+    # (highlight.js's class for a comment; kiln's earlier highlighter called it tok-comment)
+    assert 'class="code-block"' in fence and '<span class="hljs-comment">' in fence
+    # Code is highlighted by highlight.js.
+    code = page.evaluate(_RENDER, "```python\nimport os\ndef home():\n    return os.sep\n```")
+    assert '<span class="hljs-keyword">import</span>' in code, code
+    assert '<span class="hljs-keyword">def</span>' in code and "hljs-title" in code, code
+    # LaTeX math is typeset by KaTeX, inline and displayed; a price is not a formula.
+    for source, display in MATH_CASES.items():
+        html = page.evaluate(_RENDER, source)
+        assert 'class="katex"' in html and "<annotation" in html, (source, html)
+        assert ('class="katex-display"' in html) == display, (source, html)
+        assert "$" not in html.replace("$5 and $10", ""), (source, html)
+    prices = page.evaluate(_RENDER, "It costs $5 and $10, or `$x$` in code.")
+    assert "katex" not in prices and "$5 and $10" in prices and "<code>$x$</code>" in prices
+    # TeX cannot make links or markup: KaTeX runs without trust.
+    for source in UNSAFE_TEX:
+        made = page.evaluate(_ELEMENTS, source)
+        assert "math" in made["tags"], (source, made)
+        assert not {"a", "img", "image", "use", "iframe", "script"} & set(made["tags"]), made
+        risky = [a for a in made["attributes"] if a in ("href", "src", "xlink:href")]
+        assert not risky and not [a for a in made["attributes"] if a.startswith("on")], made
+    # In the page, KaTeX's stylesheet applies and its fonts load from kiln (font-src 'self'):
+    # the page's watch fails the test on any Content-Security-Policy violation.
+    fonts = page.evaluate(_TYPESET, r"$$\sqrt{x^2+1} \cdot \overrightarrow{AB}$$")
+    assert fonts["mathml_hidden"] and fonts["katex_fonts"], fonts
     assert _pwned(page) is None
 
 

@@ -2,28 +2,32 @@
 // switches (POST /admin/models/NAME/activate) and the status is polled until the model is
 // available or failed.
 
-import { getJson, sendJson } from "./api.js";
+import { getJson, sendJson } from "./api";
+import { messageOf } from "./types";
+import type { ModelStatus } from "./types";
 
-const SETTLED = new Set(["available", "failed", "unloaded"]);
+const SETTLED = new Set<ModelStatus["status"]>(["available", "failed", "unloaded"]);
 
 export class ModelPicker {
-  constructor(select, activateButton, statusLine, onActiveChange) {
-    this.select = select;
-    this.activateButton = activateButton;
-    this.statusLine = statusLine;
-    this.onActiveChange = onActiveChange;
-    this.models = [];
-    this.active = null;
-    this.timer = null;
+  private models: ModelStatus[] = [];
+  private active: string | null = null;
+  private timer: ReturnType<typeof setTimeout> | undefined;
+
+  constructor(
+    private readonly select: HTMLSelectElement,
+    private readonly activateButton: HTMLButtonElement,
+    private readonly statusLine: HTMLElement,
+    private readonly onActiveChange: (name: string) => void,
+  ) {
     select.addEventListener("change", () => this.showStatus());
-    activateButton.addEventListener("click", () => this.activate());
+    activateButton.addEventListener("click", () => void this.activate());
   }
 
-  async refresh() {
+  async refresh(): Promise<void> {
     try {
-      this.models = await getJson("/admin/models");
+      this.models = await getJson<ModelStatus[]>("/admin/models");
     } catch (error) {
-      this.statusLine.textContent = `Models unavailable: ${error.message}`;
+      this.statusLine.textContent = `Models unavailable: ${messageOf(error)}`;
       return;
     }
     const chosen = this.select.value;
@@ -46,32 +50,34 @@ export class ModelPicker {
     this.schedule();
   }
 
-  showStatus() {
+  private showStatus(): void {
     const model = this.models.find((m) => m.name === this.select.value);
     if (!model) {
       this.statusLine.textContent = "";
       return;
     }
-    let text = model.active ? `${model.name}: ${model.status}, answering` : `${model.name}: ${model.status}`;
+    let text = model.active
+      ? `${model.name}: ${model.status}, answering`
+      : `${model.name}: ${model.status}`;
     if (model.reason) text += ` (${model.reason})`;
     this.statusLine.textContent = text;
     this.statusLine.dataset.status = model.status;
     this.activateButton.disabled = model.active;
   }
 
-  schedule() {
+  private schedule(): void {
     clearTimeout(this.timer);
     const busy = this.models.some((m) => !SETTLED.has(m.status));
-    this.timer = setTimeout(() => this.refresh(), busy ? 1000 : 15000);
+    this.timer = setTimeout(() => void this.refresh(), busy ? 1000 : 15000);
   }
 
-  async activate() {
+  private async activate(): Promise<void> {
     const name = this.select.value;
     if (!name) return;
     try {
       await sendJson("POST", `/admin/models/${encodeURIComponent(name)}/activate`);
     } catch (error) {
-      this.statusLine.textContent = `Could not activate ${name}: ${error.message}`;
+      this.statusLine.textContent = `Could not activate ${name}: ${messageOf(error)}`;
       return;
     }
     await this.refresh();

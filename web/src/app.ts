@@ -1,111 +1,153 @@
 // The chat page: wires the conversation list, the messages of the branch shown, the composer
 // (send, stop), the settings dialog and the model picker to kiln's chat API.
 
-import { download, getJson, sendJson, streamEvents } from "./api.js";
-import { renderConversations, renderSearchResults } from "./conversations.js";
-import { fillBody, renderMessage } from "./messages.js";
-import { ModelPicker } from "./models.js";
-import { SettingsDialog } from "./settings.js";
-import { MessageTree } from "./tree.js";
+// KaTeX's stylesheet (and, through it, its fonts): bundled into app.css, served by kiln.
+import "katex/dist/katex.css";
+
+import { download, getJson, sendJson, streamEvents } from "./api";
+import { renderConversations, renderSearchResults } from "./conversations";
+import { byId } from "./dom";
+import { fillBody, renderMessage } from "./messages";
+import { ModelPicker } from "./models";
+import { SettingsDialog } from "./settings";
+import type { SettingsChanges } from "./settings";
+import { MessageTree } from "./tree";
+import { messageOf } from "./types";
+import type {
+  AnswerEvent,
+  Conversation,
+  ConversationSummary,
+  Defaults,
+  Message,
+  SearchHit,
+} from "./types";
 
 const API = "/api/chat";
-const $ = (id) => document.getElementById(id);
+const $ = byId;
 
-const state = {
+/** A conversation shown: what the API answered, with `tree` (all of its messages). */
+interface OpenConversation extends Conversation {
+  tree: MessageTree;
+}
+
+/** The answer being written. */
+interface Streaming {
+  assistant: Message | null;
+  text: string;
+  controller: AbortController;
+}
+
+const state: {
+  conversations: ConversationSummary[];
+  current: OpenConversation | null;
+  /** What a conversation gets when it sets nothing. */
+  defaults: Defaults | null;
+  streaming: Streaming | null;
+} = {
   conversations: [],
-  current: null, // the conversation shown, with `tree` (a MessageTree of all its messages)
-  defaults: null, // {model, settings}: what a conversation gets when it sets nothing
-  streaming: null, // {assistant, text, controller}: the answer being written
+  current: null,
+  defaults: null,
+  streaming: null,
 };
+
+function opened(conversation: Conversation): OpenConversation {
+  return { ...conversation, tree: new MessageTree(conversation.messages) };
+}
 
 // --- notices --------------------------------------------------------------------------------
 
-function showNotice(message) {
+let noticeTimer: ReturnType<typeof setTimeout> | undefined;
+
+function showNotice(message: string): void {
   const notice = $("notice");
   notice.textContent = message;
   notice.hidden = false;
-  clearTimeout(showNotice.timer);
-  showNotice.timer = setTimeout(() => (notice.hidden = true), 8000);
+  clearTimeout(noticeTimer);
+  noticeTimer = setTimeout(() => (notice.hidden = true), 8000);
+}
+
+function noticeOf(error: unknown): void {
+  showNotice(messageOf(error));
 }
 
 // --- conversation list ----------------------------------------------------------------------
 
-async function refreshList() {
-  state.conversations = await getJson(`${API}/conversations`);
-  if ($("search").value.trim()) return; // the search results stay shown
+async function refreshList(): Promise<void> {
+  state.conversations = await getJson<ConversationSummary[]>(`${API}/conversations`);
+  if ($<HTMLInputElement>("search").value.trim()) return; // the search results stay shown
   renderConversations($("conversations"), state.conversations, state.current?.id, {
-    open: (id) => openConversation(id),
-    rename: renameConversation,
-    remove: deleteConversation,
+    open: (id) => void openConversation(id),
+    rename: (conversation) => void renameConversation(conversation),
+    remove: (conversation) => void deleteConversation(conversation),
   });
 }
 
-async function renameConversation(conversation) {
+async function renameConversation(conversation: ConversationSummary): Promise<void> {
   const title = window.prompt("Rename the conversation:", conversation.title);
   if (title === null) return;
   try {
     await sendJson("PATCH", `${API}/conversations/${conversation.id}`, { title });
   } catch (error) {
-    showNotice(error.message);
+    noticeOf(error);
   }
   if (state.current?.id === conversation.id) await openConversation(conversation.id);
   await refreshList();
 }
 
-async function deleteConversation(conversation) {
+async function deleteConversation(conversation: ConversationSummary): Promise<void> {
   if (!window.confirm(`Delete "${conversation.title}"?`)) return;
   try {
     await sendJson("DELETE", `${API}/conversations/${conversation.id}`);
   } catch (error) {
-    showNotice(error.message);
+    noticeOf(error);
   }
   if (state.current?.id === conversation.id) newChat();
   await refreshList();
 }
 
-let searchTimer = null;
-function onSearchInput() {
+let searchTimer: ReturnType<typeof setTimeout> | undefined;
+
+function onSearchInput(): void {
   clearTimeout(searchTimer);
   searchTimer = setTimeout(async () => {
-    const query = $("search").value.trim();
+    const query = $<HTMLInputElement>("search").value.trim();
     if (!query) {
       await refreshList();
       return;
     }
     try {
-      const hits = await getJson(`${API}/search?q=${encodeURIComponent(query)}`);
+      const hits = await getJson<SearchHit[]>(`${API}/search?q=${encodeURIComponent(query)}`);
       renderSearchResults($("conversations"), hits, (conversationId, messageId) =>
-        openConversation(conversationId, messageId),
+        void openConversation(conversationId, messageId),
       );
     } catch (error) {
-      showNotice(error.message);
+      noticeOf(error);
     }
   }, 250);
 }
 
 // --- the conversation shown -----------------------------------------------------------------
 
-function newChat() {
+function newChat(): void {
   if (state.streaming) return;
   state.current = null;
   $("chat-title").textContent = "New chat";
   renderMessages();
-  refreshList().catch((error) => showNotice(error.message));
+  refreshList().catch(noticeOf);
   closeSidebarOnPhone();
   $("input").focus();
 }
 
 /** Show a conversation; with `messageId`, the branch through that message. */
-async function openConversation(id, messageId) {
+async function openConversation(id: string, messageId?: string): Promise<void> {
   if (state.streaming) return;
-  let conversation;
+  let conversation: OpenConversation;
   try {
-    conversation = await getJson(`${API}/conversations/${id}`);
+    conversation = opened(await getJson<Conversation>(`${API}/conversations/${id}`));
   } catch (error) {
-    showNotice(error.message);
+    noticeOf(error);
     return;
   }
-  conversation.tree = new MessageTree(conversation.messages);
   state.current = conversation;
   if (messageId && conversation.tree.get(messageId)) {
     await selectLeaf(conversation.tree.latestLeaf(messageId));
@@ -116,22 +158,23 @@ async function openConversation(id, messageId) {
   closeSidebarOnPhone();
 }
 
-async function selectLeaf(leafId) {
+async function selectLeaf(leafId: string): Promise<void> {
   const conversation = state.current;
+  if (!conversation) return;
   conversation.current_leaf_id = leafId;
   renderMessages();
   try {
     await sendJson("PATCH", `${API}/conversations/${conversation.id}`, { current_leaf_id: leafId });
   } catch (error) {
-    showNotice(error.message);
+    noticeOf(error);
   }
 }
 
-function renderMessages() {
+function renderMessages(): void {
   const container = $("messages");
   const conversation = state.current;
   const branch = conversation ? conversation.tree.branch(conversation.current_leaf_id) : [];
-  if (branch.length === 0) {
+  if (!conversation || branch.length === 0) {
     const empty = document.createElement("p");
     empty.className = "empty";
     empty.id = "empty";
@@ -140,10 +183,10 @@ function renderMessages() {
     return;
   }
   const handlers = {
-    switchTo: (sibling) => selectLeaf(conversation.tree.latestLeaf(sibling.id)),
-    edit: (message, content) => send(content, message.parent_id),
-    regenerate: (message) =>
-      runAnswer(`${API}/conversations/${conversation.id}/messages/${message.id}/regenerate`),
+    switchTo: (sibling: Message) => void selectLeaf(conversation.tree.latestLeaf(sibling.id)),
+    edit: (message: Message, content: string) => void send(content, message.parent_id),
+    regenerate: (message: Message) =>
+      void runAnswer(`${API}/conversations/${conversation.id}/messages/${message.id}/regenerate`),
   };
   const busy = Boolean(state.streaming);
   container.replaceChildren(
@@ -154,24 +197,23 @@ function renderMessages() {
 
 // --- answers --------------------------------------------------------------------------------
 
-function setBusy(busy) {
+function setBusy(busy: boolean): void {
   $("send").hidden = busy;
   $("stop").hidden = !busy;
   document.body.classList.toggle("busy", busy);
 }
 
 /** Send `content` as a user message after `parentId` (undefined: after the branch shown). */
-async function send(content, parentId) {
+async function send(content: string, parentId?: string | null): Promise<void> {
   if (state.streaming || !content.trim()) return;
   if (!state.current) {
-    const title = content.trim().split("\n")[0].slice(0, 60);
+    const title = content.trim().split("\n")[0]!.slice(0, 60);
     try {
-      const created = await sendJson("POST", `${API}/conversations`, { title });
-      created.tree = new MessageTree(created.messages);
-      state.current = created;
-      $("chat-title").textContent = created.title;
+      const created = await sendJson<Conversation>("POST", `${API}/conversations`, { title });
+      state.current = opened(created);
+      $("chat-title").textContent = state.current.title;
     } catch (error) {
-      showNotice(error.message);
+      noticeOf(error);
       return;
     }
   }
@@ -180,7 +222,8 @@ async function send(content, parentId) {
 }
 
 let paintPending = false;
-function paintStreaming() {
+
+function paintStreaming(): void {
   if (paintPending) return;
   paintPending = true;
   requestAnimationFrame(() => {
@@ -188,17 +231,19 @@ function paintStreaming() {
     const streaming = state.streaming;
     if (!streaming?.assistant) return;
     const article = document.querySelector(`article[data-id="${streaming.assistant.id}"]`);
-    if (!article) return;
+    const body = article?.querySelector<HTMLElement>(".message-body");
+    if (!body) return;
     const container = $("messages");
     const atBottom = container.scrollHeight - container.scrollTop - container.clientHeight < 80;
-    fillBody(article.querySelector(".message-body"), { ...streaming.assistant, content: streaming.text });
+    fillBody(body, { role: streaming.assistant.role, content: streaming.text });
     if (atBottom) container.scrollTop = container.scrollHeight;
   });
 }
 
-function onAnswerEvent(event) {
+function onAnswerEvent(event: AnswerEvent): void {
   const conversation = state.current;
   const streaming = state.streaming;
+  if (!conversation || !streaming) return;
   if (event.type === "start") {
     if (event.user) conversation.tree.add(event.user);
     conversation.tree.add(event.assistant);
@@ -210,22 +255,24 @@ function onAnswerEvent(event) {
     streaming.text += event.text;
     paintStreaming();
   } else if (event.type === "end") {
-    Object.assign(conversation.tree.get(event.message.id), event.message);
+    const stored = conversation.tree.get(event.message.id);
+    if (stored) Object.assign(stored, event.message);
   } else if (event.type === "error") {
     showNotice(event.error);
   }
 }
 
-async function runAnswer(path, body) {
-  if (state.streaming) return;
+async function runAnswer(path: string, body?: unknown): Promise<void> {
+  if (state.streaming || !state.current) return;
   const conversationId = state.current.id;
-  state.streaming = { assistant: null, text: "", controller: new AbortController() };
+  const streaming: Streaming = { assistant: null, text: "", controller: new AbortController() };
+  state.streaming = streaming;
   setBusy(true);
   renderMessages();
   try {
-    await streamEvents(path, body, onAnswerEvent, state.streaming.controller.signal);
+    await streamEvents<AnswerEvent>(path, body, onAnswerEvent, streaming.controller.signal);
   } catch (error) {
-    if (error.name !== "AbortError") showNotice(error.message);
+    if (!(error instanceof Error && error.name === "AbortError")) noticeOf(error);
   } finally {
     state.streaming = null;
   }
@@ -239,9 +286,9 @@ async function runAnswer(path, body) {
   $("input").focus();
 }
 
-async function stop() {
+async function stop(): Promise<void> {
   const streaming = state.streaming;
-  if (!streaming) return;
+  if (!streaming || !state.current) return;
   if (!streaming.assistant) {
     streaming.controller.abort(); // not started yet: leaving aborts it on the server
     return;
@@ -258,29 +305,30 @@ async function stop() {
 
 // --- settings, models -----------------------------------------------------------------------
 
-async function loadDefaults() {
+async function loadDefaults(): Promise<void> {
   try {
-    state.defaults = await getJson(`${API}/defaults`);
+    state.defaults = await getJson<Defaults>(`${API}/defaults`);
   } catch {
     state.defaults = null;
   }
 }
 
-async function saveSettings(changes) {
-  if (!state.current) {
-    const created = await sendJson("POST", `${API}/conversations`, changes);
-    created.tree = new MessageTree(created.messages);
+async function saveSettings(changes: SettingsChanges): Promise<void> {
+  let id = state.current?.id;
+  if (!id) {
+    const created = opened(await sendJson<Conversation>("POST", `${API}/conversations`, changes));
     state.current = created;
+    id = created.id;
   } else {
-    await sendJson("PATCH", `${API}/conversations/${state.current.id}`, changes);
+    await sendJson("PATCH", `${API}/conversations/${id}`, changes);
   }
-  await openConversation(state.current.id);
+  await openConversation(id);
 }
 
 // --- export, import -------------------------------------------------------------------------
 
-async function exportCurrent(format) {
-  $("export-menu").open = false;
+async function exportCurrent(format: "json" | "markdown"): Promise<void> {
+  $<HTMLDetailsElement>("export-menu").open = false;
   if (!state.current) {
     showNotice("Nothing to export yet: open a conversation first.");
     return;
@@ -291,51 +339,56 @@ async function exportCurrent(format) {
       format === "markdown" ? "kiln-chat.md" : "kiln-chat.json",
     );
   } catch (error) {
-    showNotice(error.message);
+    noticeOf(error);
   }
 }
 
-async function exportAll() {
+async function exportAll(): Promise<void> {
   try {
     await download(`${API}/export`, "kiln-chats.json");
   } catch (error) {
-    showNotice(error.message);
+    noticeOf(error);
   }
 }
 
 /** Import the JSON export chosen in the file picker; shows the first conversation it made. */
-async function importFile(input) {
+async function importFile(input: HTMLInputElement): Promise<void> {
   const file = input.files?.[0];
   input.value = ""; // choosing the same file again is a new import
   if (!file || state.streaming) return;
-  let document_;
+  let exported: unknown;
   try {
-    document_ = JSON.parse(await file.text());
+    exported = JSON.parse(await file.text());
   } catch {
     showNotice(`${file.name} is not a JSON file: import takes a kiln JSON export.`);
     return;
   }
   try {
-    const { conversations } = await sendJson("POST", `${API}/import`, document_);
+    const { conversations } = await sendJson<{ conversations: ConversationSummary[] }>(
+      "POST",
+      `${API}/import`,
+      exported,
+    );
     const count = conversations.length;
     showNotice(`Imported ${count} conversation${count === 1 ? "" : "s"} from ${file.name}.`);
-    await openConversation(conversations[0].id);
+    const first = conversations[0];
+    if (first) await openConversation(first.id);
   } catch (error) {
-    showNotice(`Import failed: ${error.message}`);
+    showNotice(`Import failed: ${messageOf(error)}`);
   }
 }
 
 // --- layout, theme, keys --------------------------------------------------------------------
 
-function closeSidebarOnPhone() {
+function closeSidebarOnPhone(): void {
   document.body.classList.remove("sidebar-open");
 }
 
-function applyTheme(theme) {
+function applyTheme(theme: string | null): void {
   if (theme) document.documentElement.dataset.theme = theme;
 }
 
-function toggleTheme() {
+function toggleTheme(): void {
   const current =
     document.documentElement.dataset.theme ||
     (matchMedia("(prefers-color-scheme: dark)").matches ? "dark" : "light");
@@ -344,7 +397,7 @@ function toggleTheme() {
   applyTheme(next);
 }
 
-function onKey(event) {
+function onKey(event: KeyboardEvent): void {
   if (event.ctrlKey && event.shiftKey && event.key.toLowerCase() === "o") {
     event.preventDefault();
     newChat();
@@ -353,54 +406,62 @@ function onKey(event) {
     $("input").focus();
   } else if (event.key === "Escape" && state.streaming) {
     event.preventDefault();
-    stop();
+    void stop();
   }
 }
 
-function main() {
+function main(): void {
   applyTheme(localStorage.getItem("kiln.theme"));
-  const settings = new SettingsDialog($("settings"), saveSettings);
-  const picker = new ModelPicker($("model-select"), $("activate"), $("model-status"), loadDefaults);
+  const settings = new SettingsDialog($<HTMLDialogElement>("settings"), saveSettings);
+  const picker = new ModelPicker(
+    $<HTMLSelectElement>("model-select"),
+    $<HTMLButtonElement>("activate"),
+    $("model-status"),
+    () => void loadDefaults(),
+  );
+  const input = $<HTMLTextAreaElement>("input");
+  const composer = $<HTMLFormElement>("composer");
 
-  $("composer").addEventListener("submit", (event) => {
+  composer.addEventListener("submit", (event) => {
     event.preventDefault();
-    const input = $("input");
     const content = input.value;
     if (!content.trim() || state.streaming) return;
     input.value = "";
-    send(content);
+    void send(content);
   });
-  $("input").addEventListener("keydown", (event) => {
+  input.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
-      $("composer").requestSubmit();
+      composer.requestSubmit();
     }
   });
-  $("stop").addEventListener("click", stop);
+  $("stop").addEventListener("click", () => void stop());
   $("new-chat").addEventListener("click", newChat);
   $("search").addEventListener("input", onSearchInput);
   $("open-settings").addEventListener("click", () =>
     settings.open(state.current, state.defaults?.settings),
   );
   $("theme").addEventListener("click", toggleTheme);
-  $("export-json").addEventListener("click", () => exportCurrent("json"));
-  $("export-markdown").addEventListener("click", () => exportCurrent("markdown"));
-  $("export-all").addEventListener("click", exportAll);
+  $("export-json").addEventListener("click", () => void exportCurrent("json"));
+  $("export-markdown").addEventListener("click", () => void exportCurrent("markdown"));
+  $("export-all").addEventListener("click", () => void exportAll());
   $("import").addEventListener("click", () => $("import-file").click());
-  $("import-file").addEventListener("change", (event) => importFile(event.target));
+  const importInput = $<HTMLInputElement>("import-file");
+  importInput.addEventListener("change", () => void importFile(importInput));
   document.addEventListener("click", (event) => {
-    const menu = $("export-menu");
-    if (menu.open && !menu.contains(event.target)) menu.open = false; // a click elsewhere
+    const menu = $<HTMLDetailsElement>("export-menu");
+    // A click elsewhere closes the menu.
+    if (menu.open && !menu.contains(event.target as Node | null)) menu.open = false;
   });
   $("open-sidebar").addEventListener("click", () => document.body.classList.add("sidebar-open"));
   $("close-sidebar").addEventListener("click", closeSidebarOnPhone);
   document.addEventListener("keydown", onKey);
 
-  refreshList().catch((error) => showNotice(error.message));
-  picker.refresh();
-  loadDefaults();
+  refreshList().catch(noticeOf);
+  void picker.refresh();
+  void loadDefaults();
   document.body.dataset.ready = "true";
-  $("input").focus();
+  input.focus();
 }
 
 main();

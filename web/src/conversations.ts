@@ -1,14 +1,17 @@
 // The conversation list, grouped by day (Today, Yesterday, Previous 7 days, then by date),
 // and search results in its place while a search is typed.
 
+import { el } from "./dom";
+import type { ConversationSummary, SearchHit } from "./types";
+
 const DAY_MS = 24 * 3600 * 1000;
 
-function startOfDay(date) {
+function startOfDay(date: Date): number {
   return new Date(date.getFullYear(), date.getMonth(), date.getDate()).getTime();
 }
 
 /** The group a conversation last active at `seconds` (Unix time) is listed under. */
-export function dayLabel(seconds, now = new Date()) {
+export function dayLabel(seconds: number, now: Date = new Date()): string {
   const day = startOfDay(new Date(seconds * 1000));
   const today = startOfDay(now);
   if (day >= today) return "Today";
@@ -21,22 +24,26 @@ export function dayLabel(seconds, now = new Date()) {
   });
 }
 
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
+export interface ConversationActions {
+  open(id: string): void;
+  rename(conversation: ConversationSummary): void;
+  remove(conversation: ConversationSummary): void;
 }
 
-/** Fill `container` with `conversations` (newest first); `on` has open, rename, remove. */
-export function renderConversations(container, conversations, currentId, on) {
+/** Fill `container` with `conversations` (newest first). */
+export function renderConversations(
+  container: HTMLElement,
+  conversations: ConversationSummary[],
+  currentId: string | undefined,
+  on: ConversationActions,
+): void {
   container.replaceChildren();
   if (conversations.length === 0) {
     container.append(el("p", "empty", "No conversations yet."));
     return;
   }
-  let group = null;
-  let list = null;
+  let group: string | null = null;
+  let list: HTMLUListElement = el("ul", "conversation-list");
   for (const conversation of conversations) {
     const label = dayLabel(conversation.updated_at);
     if (label !== group) {
@@ -66,7 +73,11 @@ export function renderConversations(container, conversations, currentId, on) {
 }
 
 /** Fill `container` with search `hits`; `open(conversationId, messageId)` shows one. */
-export function renderSearchResults(container, hits, open) {
+export function renderSearchResults(
+  container: HTMLElement,
+  hits: SearchHit[],
+  open: (conversationId: string, messageId: string) => void,
+): void {
   container.replaceChildren();
   if (hits.length === 0) {
     container.append(el("p", "empty", "Nothing found."));

@@ -2,32 +2,39 @@
 // (the `< 2/3 >` switcher). Messages come from the API in creation order, each with its
 // parent_id (null for a first message).
 
+import type { Message } from "./types";
+
 export class MessageTree {
-  constructor(messages) {
-    this.byId = new Map();
-    this.children = new Map(); // parent id ("" for the first messages) -> children, oldest first
+  private readonly byId = new Map<string, Message>();
+  /** parent id ("" for the first messages) -> children, oldest first */
+  private readonly children = new Map<string, Message[]>();
+
+  constructor(messages: Message[]) {
     for (const message of messages) this.add(message);
   }
 
-  add(message) {
+  add(message: Message): void {
     this.byId.set(message.id, message);
     const key = message.parent_id ?? "";
-    if (!this.children.has(key)) this.children.set(key, []);
-    const siblings = this.children.get(key);
+    let siblings = this.children.get(key);
+    if (!siblings) {
+      siblings = [];
+      this.children.set(key, siblings);
+    }
     if (!siblings.some((m) => m.id === message.id)) siblings.push(message);
   }
 
-  get(id) {
+  get(id: string): Message | undefined {
     return this.byId.get(id);
   }
 
-  siblings(message) {
+  siblings(message: Message): Message[] {
     return this.children.get(message.parent_id ?? "") ?? [message];
   }
 
   /** The messages from the first one down to `leafId`. */
-  branch(leafId) {
-    const path = [];
+  branch(leafId: string | null): Message[] {
+    const path: Message[] = [];
     let message = leafId ? this.byId.get(leafId) : undefined;
     while (message) {
       path.push(message);
@@ -37,12 +44,12 @@ export class MessageTree {
   }
 
   /** The end of the branch through `id`: its newest child, that one's newest child... */
-  latestLeaf(id) {
+  latestLeaf(id: string): string {
     let current = id;
     for (;;) {
       const children = this.children.get(current);
       if (!children || children.length === 0) return current;
-      current = children[children.length - 1].id;
+      current = children[children.length - 1]!.id;
     }
   }
 }

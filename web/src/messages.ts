@@ -2,22 +2,28 @@
 // user typed), who wrote it, its status, and its actions: the `< 2/3 >` sibling switcher,
 // Copy, Edit (user messages) and Regenerate (answers).
 
-import { copyButton, renderMarkdown } from "./markdown.js";
+import { el } from "./dom";
+import { copyButton, renderMarkdown } from "./markdown";
+import type { Message } from "./types";
 
-const STATUS_NOTES = {
+const STATUS_NOTES: Partial<Record<Message["status"], string>> = {
   stopped: "Stopped.",
   interrupted: "Interrupted: the server stopped while writing this answer.",
   error: "The answer failed.",
 };
 
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
+export interface MessageActions {
+  switchTo(sibling: Message): void;
+  edit(message: Message, content: string): void;
+  regenerate(message: Message): void;
 }
 
-function button(label, className, onClick, disabled) {
+function button(
+  label: string,
+  className: string,
+  onClick: () => void,
+  disabled: boolean,
+): HTMLButtonElement {
   const node = el("button", className, label);
   node.type = "button";
   node.disabled = disabled;
@@ -26,7 +32,7 @@ function button(label, className, onClick, disabled) {
 }
 
 /** Fill a message's body element with its content. */
-export function fillBody(body, message) {
+export function fillBody(body: HTMLElement, message: Pick<Message, "role" | "content">): void {
   if (message.role === "assistant") {
     body.replaceChildren(renderMarkdown(message.content));
   } else {
@@ -36,16 +42,21 @@ export function fillBody(body, message) {
 
 /**
  * The element of `message`. `siblings` are its siblings (itself included, oldest first);
- * `on` has switchTo(sibling), edit(message, content), regenerate(message); `busy` disables
- * the actions while an answer streams.
+ * `busy` disables the actions while an answer streams.
  */
-export function renderMessage(message, siblings, on, busy) {
+export function renderMessage(
+  message: Message,
+  siblings: Message[],
+  on: MessageActions,
+  busy: boolean,
+): HTMLElement {
   const article = el("article", `message ${message.role}`);
   article.dataset.id = message.id;
   article.dataset.status = message.status;
 
   const meta = el("div", "message-meta");
-  meta.append(el("span", "author", message.role === "user" ? "You" : message.model || "assistant"));
+  const author = message.role === "user" ? "You" : message.model || "assistant";
+  meta.append(el("span", "author", author));
   if (message.status === "streaming") meta.append(el("span", "status", "writing…"));
   article.append(meta);
 
@@ -53,22 +64,26 @@ export function renderMessage(message, siblings, on, busy) {
   fillBody(body, message);
   article.append(body);
 
-  const notes = [];
+  const notes: string[] = [];
   if (message.truncated) {
-    notes.push("The oldest messages were left out of this answer's prompt to fit the model's context.");
+    notes.push(
+      "The oldest messages were left out of this answer's prompt to fit the model's context.",
+    );
   }
-  if (STATUS_NOTES[message.status]) notes.push(STATUS_NOTES[message.status]);
+  const statusNote = STATUS_NOTES[message.status];
+  if (statusNote) notes.push(statusNote);
   if (message.error) notes.push(message.error);
   for (const note of notes) article.append(el("p", "message-note", note));
 
   const actions = el("div", "message-actions");
   if (siblings.length > 1) {
     const index = siblings.findIndex((m) => m.id === message.id);
+    const last = siblings.length - 1;
     const switcher = el("span", "siblings");
     switcher.append(
-      button("<", "icon previous", () => on.switchTo(siblings[index - 1]), busy || index === 0),
+      button("<", "icon previous", () => on.switchTo(siblings[index - 1]!), busy || index === 0),
       el("span", "position", `${index + 1}/${siblings.length}`),
-      button(">", "icon next", () => on.switchTo(siblings[index + 1]), busy || index === siblings.length - 1),
+      button(">", "icon next", () => on.switchTo(siblings[index + 1]!), busy || index === last),
     );
     actions.append(switcher);
   }
@@ -82,14 +97,24 @@ export function renderMessage(message, siblings, on, busy) {
   return article;
 }
 
-function startEdit(article, body, message, on) {
+function startEdit(
+  article: HTMLElement,
+  body: HTMLElement,
+  message: Message,
+  on: MessageActions,
+): void {
   const editor = el("div", "editor");
   const area = el("textarea");
   area.value = message.content;
   area.rows = Math.min(12, Math.max(2, message.content.split("\n").length));
-  const send = button("Send", "save-edit", () => {
-    if (area.value.trim()) on.edit(message, area.value);
-  }, false);
+  const send = button(
+    "Send",
+    "save-edit",
+    () => {
+      if (area.value.trim()) on.edit(message, area.value);
+    },
+    false,
+  );
   const cancel = button("Cancel", "cancel-edit", () => editor.replaceWith(body), false);
   area.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
@@ -99,8 +124,9 @@ function startEdit(article, body, message, on) {
       cancel.click();
     }
   });
-  editor.append(area, el("div", "editor-buttons"));
-  editor.lastChild.append(cancel, send);
+  const buttons = el("div", "editor-buttons");
+  buttons.append(cancel, send);
+  editor.append(area, buttons);
   body.replaceWith(editor);
   area.focus();
   article.classList.add("editing");
