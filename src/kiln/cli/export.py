@@ -25,7 +25,8 @@ def export(
     The artifact holds config.json (with a `kiln` section: shapes, dtype, quantization,
     device, versions, source and hashes), generation_config.json, the tokenizer and chat
     template, and the weights in kiln's runtime layout (cast; quantized layers as the packed
-    blocks the CPU kernels read), so loading it (--model DIR) does no quantization work.
+    blocks the CPU kernels read; with --tp N, one file per tensor-parallel rank holding just
+    that rank's shard), so loading it (--model DIR) does no quantization or sharding work.
 
     Args:
         output: the new artifact directory (-o).
@@ -35,7 +36,9 @@ def export(
         batch_size: most sequences run at once.
         quantize: none, int8 or int4 (default: keep the checkpoint's, e.g. a GGUF's 4 bits).
         device: cpu or cuda: what the artifact is laid out for.
-        tp: tensor-parallel degree (only 1 for now).
+        tp: tensor-parallel degree: the weights are pre-sharded into one file per rank,
+            and the artifact loads with that many worker processes (its --tp by default);
+            float weights only (no --quantize int8/int4), a degree kiln plan lists as valid.
         registry: a local registry to look in first: a compatible artifact there is pulled
             instead of exporting again; a new export is pushed to it.
     """
@@ -52,7 +55,7 @@ def export(
             Path(registry),
             source_sha256=source_sha256(source.path),
             dtype=str(EXPORT_DTYPES[dtype]).removeprefix("torch."),
-            quantization=quantize or "source",
+            quantization=options.quantization,
             device=device,
             batch_size=batch_size,
             sequence_length=sequence_length,
@@ -69,6 +72,7 @@ def export(
         f"{manifest.quantization} ({len(manifest.quantized_layers)} packed layers), "
         f"batch {manifest.batch_size}, sequence length {manifest.sequence_length}, "
         f"{manifest.device}"
+        + (f", tp {manifest.tp_degree} ({len(manifest.rank_files)} rank files)" if tp > 1 else "")
     )
     if registry is not None:
         print(f"pushed to {push(Path(output), registry)}")
@@ -129,13 +133,14 @@ def models_ls(registry: str | None = None) -> int:
         return 0
     print(
         f"{'NAME':<60} {'BATCH':>5} {'SEQ':>6} {'DTYPE':<8} {'QUANT':<6} {'DEV':<4} "
-        f"{'SIZE':>9}  SHA256"
+        f"{'TP':>3} {'SIZE':>9}  SHA256"
     )
     for e in entries:
         m = e.manifest
         print(
             f"{e.path.name:<60} {m.batch_size:>5} {m.sequence_length:>6} {m.dtype:<8} "
-            f"{m.quantization:<6} {m.device:<4} {e.size / 2**20:>7.1f}Mi  {e.artifact_id[:16]}"
+            f"{m.quantization:<6} {m.device:<4} {m.tp_degree:>3} {e.size / 2**20:>7.1f}Mi  "
+            f"{e.artifact_id[:16]}"
         )
     return 0
 

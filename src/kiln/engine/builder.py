@@ -18,7 +18,7 @@ from kiln.engine.executor import InProcessExecutor
 from kiln.engine.kv_cache import allocate_kv_cache, num_kv_blocks
 from kiln.engine.multiproc_executor import MultiprocExecutor
 from kiln.engine.runner import ModelRunner
-from kiln.export.reader import open_artifact
+from kiln.export.reader import Artifact, open_artifact
 from kiln.kernels.native import cpu_kernels
 from kiln.models.loader import build_model, resolve_dtype
 from kiln.models.quantization_plan import quantizes
@@ -103,11 +103,13 @@ def build_engine(args: EngineArgs, *, progress: bool = False) -> LoadedEngine:
     )
     tokenizer = Tokenizer(checkpoint.tokenizer, checkpoint.tokenizer_config)
     if args.tp > 1:
-        if artifact is not None or args.adapter is not None:
-            raise ConfigError("tp > 1 loads a checkpoint's float weights: no artifact or adapter")
-        dtype = resolve_dtype(args.dtype, config, device)  # the ranks never quantize
+        # (An artifact's degree was matched against args.tp by artifact.engine_args above.)
+        if args.adapter is not None:
+            raise ConfigError("tp > 1 loads float weights as they are: no adapter")
+        if artifact is None:
+            dtype = resolve_dtype(args.dtype, config, device)  # the ranks never quantize
         return _build_tensor_parallel(
-            args, checkpoint, config, tokenizer, dtype, device, max_model_len
+            args, checkpoint, config, tokenizer, dtype, device, max_model_len, artifact
         )
     if artifact is not None:
         model = artifact.build_model(config, device)
@@ -164,13 +166,22 @@ def _build_tensor_parallel(
     dtype: torch.dtype,
     device: torch.device,
     max_model_len: int,
+    artifact: Artifact | None,
 ) -> LoadedEngine:
-    """An engine over ``args.tp`` worker processes, each loading its own shard."""
+    """An engine over ``args.tp`` worker processes, each loading its own shard: its part of
+    the checkpoint, or its pre-sharded file of an artifact exported for ``args.tp`` ranks."""
     eos_token_ids = frozenset(config.eos_token_ids) | (
         {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     )
     executor = MultiprocExecutor(
-        args, str(checkpoint.path), config, dtype, device, max_model_len, eos_token_ids
+        args,
+        str(artifact.path if artifact is not None else checkpoint.path),
+        config,
+        dtype,
+        device,
+        max_model_len,
+        eos_token_ids,
+        from_artifact=artifact is not None,
     )
     engine = Engine(
         executor,
@@ -180,6 +191,7 @@ def _build_tensor_parallel(
         max_model_len,
         eos_token_ids,
         enable_prefix_caching=args.enable_prefix_caching,
+        exported_sequence_length=artifact.manifest.sequence_length if artifact else None,
     )
     return LoadedEngine(
         args=args,

@@ -61,7 +61,10 @@ class MultiprocExecutor(Executor):
         device: torch.device,
         max_model_len: int,
         eos_token_ids: frozenset[int],
+        from_artifact: bool = False,
     ) -> None:
+        """``checkpoint_path``: a checkpoint each rank reads its part of, or with
+        ``from_artifact`` an artifact exported for ``args.tp`` ranks (each loads its file)."""
         tp = args.tp
         check_tp_degree(config, tp)
         devices = _rank_devices(device, tp)
@@ -93,6 +96,7 @@ class MultiprocExecutor(Executor):
                 eos_token_ids=eos_token_ids,
                 num_threads=threads,
                 parent_pid=os.getpid(),
+                from_artifact=from_artifact,
             )
             parent_conn, child_conn = ctx.Pipe()
             process = ctx.Process(

@@ -30,10 +30,12 @@ from kiln.config.engine import DEFAULT_CPU_KV_CACHE_MEMORY
 from kiln.engine.io import ModelOutput
 from kiln.engine.kv_cache import allocate_kv_cache, num_kv_blocks
 from kiln.engine.runner import ModelRunner, RequestState
+from kiln.errors import ModelLoadError
+from kiln.export.reader import open_artifact
 from kiln.models.base import CausalLM
-from kiln.models.loader import allocate_model, prepare_for_inference
+from kiln.models.loader import prepare_for_inference
 from kiln.parallel.group import TensorParallelGroup
-from kiln.parallel.shard import rank_config, shard_model, tie_head
+from kiln.parallel.shard import load_rank_model, rank_config, tie_head
 from kiln.weights.resolve import resolve_checkpoint
 
 PARENT_POLL_SECONDS = 0.5
@@ -59,6 +61,9 @@ class WorkerSpec:
     eos_token_ids: frozenset[int]
     num_threads: int
     parent_pid: int
+    from_artifact: bool = False
+    """``checkpoint_path`` is an artifact exported for this degree: the rank reads its own
+    pre-sharded file instead of slicing a checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -200,14 +205,18 @@ def _start(spec: WorkerSpec, conn: Connection) -> RankRunner:
 
 
 def load_shard(spec: WorkerSpec, group: TensorParallelGroup, device: torch.device) -> CausalLM:
-    """This rank's shard of the checkpoint: the model is allocated on the CPU (untouched
-    storage costs no memory there), rewritten into the shard, filled with the rank's part of
-    each checkpoint tensor, then moved to ``device``."""
-    checkpoint = resolve_checkpoint(spec.checkpoint_path)
-    model = allocate_model(spec.config, spec.dtype, torch.device("cpu"), spec.max_model_len)
-    sharded = shard_model(model, group)
-    with torch.no_grad():
-        model.load_weights(sharded.read(checkpoint), source=str(checkpoint.path))
+    """This rank's shard, built on the CPU (untouched storage costs no memory there), then moved
+    to ``device``: from an exported artifact, the rank's own file as stored; from a checkpoint,
+    the rank's part of each tensor (:func:`load_rank_model`, which ``kiln export --tp`` uses
+    too, so both hold the same bytes)."""
+    if spec.from_artifact:
+        artifact = open_artifact(spec.checkpoint_path)
+        if artifact is None:  # replaced since the executor looked at it
+            raise ModelLoadError(f"{spec.checkpoint_path}: no longer a kiln artifact")
+        model = artifact.build_rank_model(spec.config, group)
+    else:
+        checkpoint = resolve_checkpoint(spec.checkpoint_path)
+        model = load_rank_model(checkpoint, spec.config, spec.dtype, group, spec.max_model_len)
     model.to(device)
     tie_head(model, group)  # after the move: a tied head shares the embedding's storage
     return prepare_for_inference(model, device)

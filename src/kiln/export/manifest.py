@@ -24,6 +24,10 @@ FILES_MANIFEST = "kiln_files.json"
 WEIGHTS_FILE = "kiln_model.safetensors"
 """Not ``model.safetensors``: the tensors are in kiln's runtime layout (packed ``qblocks``),
 which Hugging Face loaders would misread."""
+RANK_WEIGHTS_FILE = "kiln_model-rank-{rank:02d}-of-{world_size:02d}.safetensors"
+"""One tensor-parallel rank's part of the weights (an artifact exported with ``--tp N > 1``
+holds N of these and no :data:`WEIGHTS_FILE`). Beside the other files, not in a folder: the
+file list (:data:`FILES_MANIFEST`) and registries handle one flat directory."""
 FORMAT_VERSION = 1
 COMPILE_CACHE_NOTE = (
     "CPU: no compile cache is stored; kiln's quantized CPU kernels compile once per machine "
@@ -52,6 +56,7 @@ class ArtifactManifest:
     device: str
     """Device type the artifact is laid out for: ``cpu`` or ``cuda``."""
     tp_degree: int
+    """Tensor-parallel ranks the weights are pre-sharded for (1: one whole-model file)."""
     kiln_version: str
     torch_version: str
     source: str
@@ -60,7 +65,11 @@ class ArtifactManifest:
     source_sha256: str
     """sha256 over the source checkpoint's weight files, in name order."""
     weights_sha256: str
-    """sha256 of :data:`WEIGHTS_FILE`."""
+    """sha256 of :data:`WEIGHTS_FILE`; with ``tp_degree > 1``, :func:`files_sha256` of the
+    rank files."""
+    rank_files: list[str] = field(default_factory=list)
+    """With ``tp_degree > 1``: each rank's weights file (:data:`RANK_WEIGHTS_FILE`), in rank
+    order; empty for one rank (a default, so artifacts written before TP export still read)."""
     compile_cache: str = COMPILE_CACHE_NOTE
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -82,7 +91,28 @@ class ArtifactManifest:
             manifest = cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as e:
             raise ModelLoadError(f"{where}: incomplete '{MANIFEST_KEY}' section ({e})") from None
+        manifest.check_rank_files(where)
         return manifest
+
+    def check_rank_files(self, where: str) -> None:
+        """One safe file name per rank when the weights are pre-sharded, none otherwise."""
+        if not isinstance(self.tp_degree, int) or self.tp_degree < 1:
+            raise ModelLoadError(f"{where}: bad tp_degree {self.tp_degree!r}")
+        expected = self.tp_degree if self.tp_degree > 1 else 0
+        if not isinstance(self.rank_files, list) or len(self.rank_files) != expected:
+            raise ModelLoadError(
+                f"{where}: tp_degree {self.tp_degree} needs {expected} rank files, the manifest "
+                f"lists {self.rank_files!r}"
+            )
+        for name in self.rank_files:
+            # A name with a separator would read outside the artifact.
+            if not isinstance(name, str) or not _is_plain_name(name):
+                raise ModelLoadError(f"{where}: bad rank file name {name!r}")
+
+    @property
+    def weights_files(self) -> list[str]:
+        """The files holding the weights: each rank's, in rank order, or the one file."""
+        return list(self.rank_files) if self.tp_degree > 1 else [WEIGHTS_FILE]
 
     @property
     def key(self) -> tuple[str, str, str, int, str]:
@@ -157,9 +187,14 @@ def read_files_manifest(directory: Path) -> dict[str, dict[str, Any]]:
         raise ModelLoadError(f"{path}: unreadable ({e})") from None
     for name in files:
         # A name with a separator could write or read outside the artifact on pull.
-        if not name or os.sep in name or "/" in name or name in (".", ".."):
+        if not _is_plain_name(name):
             raise ModelLoadError(f"{path}: bad file name {name!r}")
     return files
+
+
+def _is_plain_name(name: str) -> bool:
+    """A file name with no directory part: the artifact's files all sit in its directory."""
+    return bool(name) and os.sep not in name and "/" not in name and name not in (".", "..")
 
 
 def artifact_id(directory: Path) -> str:

@@ -1,6 +1,7 @@
 """Load an exported artifact: check it was made for this kiln, torch and device, then put its
 runtime-layout tensors straight into a freshly allocated model (no quantization, no packing of
-quantized layers).
+quantized layers). An artifact exported with ``--tp N`` is loaded by N tensor-parallel ranks,
+each reading only its own file into its shard (:meth:`Artifact.build_rank_model`).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from kiln.config import ModelConfig
 from kiln.config.engine_args import EngineArgs
 from kiln.engine.kv_cache import kv_bytes_per_block
 from kiln.errors import ConfigError, ModelLoadError
-from kiln.export.manifest import WEIGHTS_FILE, ArtifactManifest, read_manifest
+from kiln.export.manifest import ArtifactManifest, read_manifest
 from kiln.kernels.native import BLOCK_BYTES, cpu_kernels
 from kiln.models.base import CausalLM
 from kiln.models.layers.linear import Linear
 from kiln.models.loader import DTYPES, allocate_model, prepare_for_inference
+from kiln.parallel.group import TensorParallelGroup
+from kiln.parallel.shard import allocate_rank_model
 from kiln.quantization import GROUP_SIZE
 from kiln.weights.checkpoint import Checkpoint, WeightIterator
 from kiln.weights.hf import load_hf_dir
@@ -43,9 +46,20 @@ class Artifact:
 
     def engine_args(self, args: EngineArgs) -> EngineArgs:
         """``args`` fitted to the artifact: its device by default, its sequence length as the
-        context and its batch size as the most sequences at once; options that contradict
-        what was exported are a :class:`ConfigError`."""
+        context, its batch size as the most sequences at once and its tensor-parallel degree;
+        options that contradict what was exported are a :class:`ConfigError`.
+
+        ``tp`` 1 (EngineArgs' default, so also "not given") adopts the artifact's degree: a
+        pre-sharded artifact cannot run as one process anyway. Any other degree must be the
+        artifact's (the ranks' files are fixed at export)."""
         m = self.manifest
+        tp = m.tp_degree if args.tp == 1 else args.tp
+        if tp != m.tp_degree:
+            raise ConfigError(
+                f"{self.path}: exported for tp={m.tp_degree}; tp={args.tp} would need another "
+                f"export (kiln export --tp {args.tp}), or leave --tp out to run it at "
+                f"tp={m.tp_degree}"
+            )
         if args.dtype not in ("auto", *[k for k, v in DTYPES.items() if v == self.dtype]):
             raise ConfigError(
                 f"{self.path}: exported with dtype {m.dtype}; --dtype {args.dtype} would need "
@@ -66,6 +80,7 @@ class Artifact:
             device=args.device or m.device,
             max_model_len=args.max_model_len or m.sequence_length,
             max_num_seqs=min(args.max_num_seqs, m.batch_size),
+            tp=tp,
         )
 
     def size_kv_cache(self, args: EngineArgs, config: ModelConfig) -> EngineArgs:
@@ -123,6 +138,11 @@ class Artifact:
         """A ready model: allocated, its tensors read from the artifact, prepared for
         inference on ``device``."""
         m = self.manifest
+        if m.tp_degree > 1:
+            raise ModelLoadError(
+                f"{self.path}: pre-sharded for tp={m.tp_degree}; its ranks load it "
+                "(build_rank_model), one process cannot"
+            )
         model = allocate_model(config, self.dtype, device, m.sequence_length)
         if m.quantized_layers:
             kernels = cpu_kernels()
@@ -137,8 +157,29 @@ class Artifact:
                 model.lm_head = Linear(config.hidden_size, config.vocab_size)
             model.quantize_linears(m.quantized_layers, kernels)
         with torch.no_grad():
-            _load_runtime_tensors(model, self.path / WEIGHTS_FILE, device)
+            _load_runtime_tensors(model, self.rank_file(0), device)
         return prepare_for_inference(model, device)
+
+    def rank_file(self, rank: int) -> Path:
+        """The file holding ``rank``'s part of the weights."""
+        return self.path / self.manifest.weights_files[rank]
+
+    def build_rank_model(self, config: ModelConfig, group: TensorParallelGroup) -> CausalLM:
+        """``group.rank``'s shard on the CPU, its tensors read from the rank's own file as
+        stored: no other rank's bytes are read and nothing is sliced. As for a checkpoint
+        (:func:`~kiln.parallel.shard.load_rank_model`), the caller moves it to its device,
+        ties its head and prepares it for inference."""
+        m = self.manifest
+        if group.world_size != m.tp_degree:
+            raise ConfigError(
+                f"{self.path}: exported for tp={m.tp_degree}, loading with tp={group.world_size}"
+            )
+        # The same module tree as a rank loading a checkpoint: the file's names and shapes are
+        # checked against it tensor by tensor.
+        model, _ = allocate_rank_model(config, self.dtype, group, m.sequence_length)
+        with torch.no_grad():
+            _load_runtime_tensors(model, self.rank_file(group.rank), torch.device("cpu"))
+        return model
 
 
 def open_artifact(model: str | None) -> Artifact | None:

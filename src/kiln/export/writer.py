@@ -1,5 +1,6 @@
 """``kiln export``: load a checkpoint once (cast, quantize, pack) and write the result as a
-self-contained artifact that later loads with no quantization work.
+self-contained artifact that later loads with no quantization work; with ``--tp N``, the
+weights pre-sharded into one file per tensor-parallel rank, which each rank loads as stored.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from kiln.config import ModelConfig
 from kiln.errors import ConfigError
 from kiln.export.manifest import (
     MANIFEST_KEY,
+    RANK_WEIGHTS_FILE,
     WEIGHTS_FILE,
     ArtifactManifest,
     file_sha256,
@@ -29,6 +31,8 @@ from kiln.export.manifest import (
 )
 from kiln.models.base import CausalLM
 from kiln.models.loader import build_model
+from kiln.parallel.group import TensorParallelGroup
+from kiln.parallel.shard import check_tp_degree, load_rank_model
 from kiln.weights.checkpoint import Checkpoint
 from kiln.weights.resolve import resolve_checkpoint
 
@@ -38,6 +42,7 @@ EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 EXPORT_QUANTIZE = ("none", "int8", "int4")
 EXPORT_DEVICES = ("cpu", "cuda")
+_METADATA = {"format": "pt", "producer": "kiln"}
 
 
 @dataclass(frozen=True)
@@ -66,14 +71,40 @@ class ExportOptions:
             )
         if self.device not in EXPORT_DEVICES:
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
-        if self.tp_degree != 1:
-            raise ConfigError("--tp other than 1 is not supported yet (kiln runs one rank)")
+        if isinstance(self.tp_degree, bool) or not isinstance(self.tp_degree, int):
+            raise ConfigError(f"--tp must be an integer >= 1, got {self.tp_degree!r}")
+        if self.tp_degree < 1:
+            raise ConfigError(f"--tp must be >= 1, got {self.tp_degree}")
+        if self.tp_degree > 1 and self.quantize in ("int8", "int4"):
+            # As EngineArgs refuses it at load: the ranks shard float weights.
+            raise ConfigError(
+                f"--quantize {self.quantize} does not combine with --tp {self.tp_degree}: tensor "
+                "parallelism shards float weights (leave --quantize unset, or none)"
+            )
         if self.device == "cpu" and self.dtype == "fp16":
             # kiln runs float16 as float32 on CPUs (see models.loader.resolve_dtype); an
             # artifact that says fp16 but loads as fp32 would be a lie.
             raise ConfigError("--dtype fp16 is not supported on --device cpu; use fp32 or bf16")
         if self.device == "cuda" and self.quantize in ("int8", "int4"):
             raise ConfigError(f"--quantize {self.quantize} runs on the CPU only; use --device cpu")
+
+    @property
+    def quantization(self) -> str:
+        """The manifest's (and a registry lookup's) ``quantization``: what was asked, or
+        ``source`` for the checkpoint's own; pre-sharded ranks always hold floats (a GGUF's
+        quantized tensors are dequantized), so with ``--tp`` > 1 the default is ``none``."""
+        if self.quantize is None and self.tp_degree > 1:
+            return "none"
+        return self.quantize or "source"
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """What an export wrote for the weights: the files, and the layers stored quantized."""
+
+    files: list[str]
+    quantized_layers: dict[str, int]
+    tied_head_bits: int | None
 
 
 def export_artifact(model: str | None, output: Path, options: ExportOptions) -> ArtifactManifest:
@@ -92,6 +123,31 @@ def export_artifact(model: str | None, output: Path, options: ExportOptions) -> 
             f"--sequence-length {options.sequence_length} exceeds the model's maximum "
             f"({config.max_position_embeddings} positions)"
         )
+    if options.tp_degree > 1:
+        # Up front, before any weight is read: the same rule and message as --tp at load.
+        check_tp_degree(config, options.tp_degree)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent))
+    try:
+        if options.tp_degree > 1:
+            weights = _write_rank_files(staging, checkpoint, config, options)
+        else:
+            weights = _write_whole_model(staging, checkpoint, config, options)
+        manifest = _write(staging, weights, checkpoint, options)
+        make_readable(staging)
+        if output.exists():
+            output.rmdir()  # empty (checked above)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_whole_model(
+    directory: Path, checkpoint: Checkpoint, config: ModelConfig, options: ExportOptions
+) -> _Weights:
+    """One rank: the whole model, cast, quantized and packed, in :data:`WEIGHTS_FILE`."""
     dtype = EXPORT_DTYPES[options.dtype]
     # A GPU artifact holds floats: GGUF tensors are dequantized, as kiln does on a GPU.
     quantize = "none" if options.device == "cuda" else options.quantize
@@ -106,39 +162,49 @@ def export_artifact(model: str | None, output: Path, options: ExportOptions) -> 
         quantize=quantize,
         inference=False,
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent))
-    try:
-        manifest = _write(staging, net, checkpoint, options)
-        make_readable(staging)
-        if output.exists():
-            output.rmdir()  # empty (checked above)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return manifest
-
-
-def _write(
-    directory: Path,
-    net: CausalLM,
-    checkpoint: Checkpoint,
-    options: ExportOptions,
-) -> ArtifactManifest:
-    tensors = _runtime_tensors(net)
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "producer": "kiln"})
+    save_file(_runtime_tensors(net), str(directory / WEIGHTS_FILE), metadata=_METADATA)
     layers = {name: layer.bits for name, layer in net.linear_layers().items() if layer.bits}
     tied_head_bits = None
     if net.config.tie_word_embeddings and "lm_head" in layers:
         tied_head_bits = layers["lm_head"]  # made by quantize_tied_head: not in the checkpoint
+    return _Weights([WEIGHTS_FILE], layers, tied_head_bits)
+
+
+def _write_rank_files(
+    directory: Path, checkpoint: Checkpoint, config: ModelConfig, options: ExportOptions
+) -> _Weights:
+    """``--tp N``: one file per rank holding exactly that rank's tensors in their sharded
+    shapes, made by the function a TP worker loads a checkpoint with (so an artifact's rank
+    and a checkpoint's rank hold the same bytes). One rank at a time: the exporter holds one
+    shard, and reads each safetensors tensor's parts, not the whole model at once."""
+    dtype = EXPORT_DTYPES[options.dtype]
+    n = options.tp_degree
+    files = []
+    for rank in range(n):
+        shard = load_rank_model(
+            checkpoint, config, dtype, TensorParallelGroup(rank, n), options.sequence_length
+        )
+        name = RANK_WEIGHTS_FILE.format(rank=rank, world_size=n)
+        metadata = {**_METADATA, "tp_rank": str(rank), "tp_degree": str(n)}
+        save_file(_runtime_tensors(shard), str(directory / name), metadata=metadata)
+        files.append(name)
+        del shard
+    return _Weights(files, {}, None)
+
+
+def _write(
+    directory: Path,
+    weights: _Weights,
+    checkpoint: Checkpoint,
+    options: ExportOptions,
+) -> ArtifactManifest:
     manifest = ArtifactManifest(
         batch_size=options.batch_size,
         sequence_length=options.sequence_length,
         dtype=_DTYPE_NAMES[EXPORT_DTYPES[options.dtype]],
-        quantization=options.quantize or "source",
-        quantized_layers=layers,
-        tied_head_bits=tied_head_bits,
+        quantization=options.quantization,
+        quantized_layers=weights.quantized_layers,
+        tied_head_bits=weights.tied_head_bits,
         device=options.device,
         tp_degree=options.tp_degree,
         kiln_version=kiln.__version__,
@@ -146,7 +212,12 @@ def _write(
         source=checkpoint.name,
         source_path=str(checkpoint.path),
         source_sha256=source_sha256(checkpoint.path),
-        weights_sha256=file_sha256(directory / WEIGHTS_FILE),
+        weights_sha256=(
+            file_sha256(directory / WEIGHTS_FILE)
+            if options.tp_degree == 1
+            else files_sha256([directory / name for name in weights.files])
+        ),
+        rank_files=weights.files if options.tp_degree > 1 else [],
     )
     config = {
         **checkpoint.config,
@@ -163,6 +234,7 @@ def _write(
         (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
         del tokenizer_config["chat_template"]
     _write_json(directory / "tokenizer_config.json", tokenizer_config)
+    # Every file, rank files included: the artifact's content id and a pull's checks cover them.
     write_files_manifest(directory)
     return manifest
 

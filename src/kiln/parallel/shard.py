@@ -9,7 +9,9 @@ logits are gathered. The attention modules then hold ``heads / N`` query heads a
 It returns a :class:`ShardedWeights` that reads the rank's part of each checkpoint tensor:
 from safetensors only that part is read; from GGUF or PyTorch .bin files each tensor is read,
 sliced and dropped before the next, so a rank holds at most its shard plus one checkpoint
-tensor (the whole model is never loaded by any rank).
+tensor (the whole model is never loaded by any rank). :func:`load_rank_model` puts the two
+together; it is the one answer to "rank r's part of the checkpoint", used both by a TP worker
+at load time and by ``kiln export --tp N``, which saves each rank's part as that rank's file.
 
 Heads and KV heads must divide N (each rank holds whole heads, GQA groups included) and so
 must the vocabulary (nothing is padded): :func:`check_tp_degree` lists the degrees that
@@ -34,6 +36,7 @@ from kiln.models.gptj import GPTJForCausalLM
 from kiln.models.layers.attention import PagedAttention
 from kiln.models.layers.linear import Linear
 from kiln.models.llama import LlamaForCausalLM
+from kiln.models.loader import allocate_model
 from kiln.parallel.group import TensorParallelGroup, split
 from kiln.parallel.layers import GatheredHead, RowParallelLinear, VocabParallelEmbedding
 from kiln.plan.sizing import valid_tp_degrees
@@ -212,6 +215,35 @@ def shard_model(model: CausalLM, group: TensorParallelGroup) -> ShardedWeights:
     if hasattr(model, "fused_decode"):
         model.fused_decode = False
     return ShardedWeights(model, rules)
+
+
+def allocate_rank_model(
+    config: ModelConfig, dtype: torch.dtype, group: TensorParallelGroup, max_positions: int | None
+) -> tuple[CausalLM, ShardedWeights]:
+    """``group.rank``'s shard of the model, allocated on the CPU (untouched storage costs no
+    memory there) with no weights loaded, and the rules that fit checkpoint tensors to it.
+
+    No collective runs here: the group is only held by the swapped layers, so an exporter can
+    build every rank's shard in one process."""
+    model = allocate_model(config, dtype, torch.device("cpu"), max_positions)
+    return model, shard_model(model, group)
+
+
+def load_rank_model(
+    checkpoint: Checkpoint,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    group: TensorParallelGroup,
+    max_positions: int | None,
+) -> CausalLM:
+    """``group.rank``'s shard on the CPU, filled with its part of each checkpoint tensor (only
+    that part is read from safetensors). A tied head is left untied: call :func:`tie_head` once
+    the model is on its device; :func:`~kiln.models.loader.prepare_for_inference` is also left
+    to the caller (an exporter saves the plain tensors)."""
+    model, sharded = allocate_rank_model(config, dtype, group, max_positions)
+    with torch.no_grad():
+        model.load_weights(sharded.read(checkpoint), source=str(checkpoint.path))
+    return model
 
 
 def tie_head(model: CausalLM, group: TensorParallelGroup) -> None:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import shlex
 import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kiln.config import ConfigError, ModelConfig
@@ -100,6 +103,18 @@ class InstanceFit:
 
 
 @dataclass(frozen=True)
+class ExportCommand:
+    """The ``kiln export`` line for the accelerators that run the model at the same degree."""
+
+    accelerators: tuple[str, ...]
+    device: str
+    """``kiln export --device``: ``cuda`` for GPUs, ``cpu`` for the host."""
+    tp: int
+    """The smallest valid degree whose rank fits one unit (:attr:`DeviceNeed.min_valid_tp`)."""
+    command: str
+
+
+@dataclass(frozen=True)
 class Plan:
     model: str
     model_type: str
@@ -115,6 +130,9 @@ class Plan:
     valid_tp_degrees: tuple[int, ...]
     devices: tuple[DeviceNeed, ...]
     instances: tuple[InstanceFit, ...]
+    export_commands: tuple[ExportCommand, ...] = ()
+    export_notes: tuple[str, ...] = ()
+    """Why an accelerator of the plan has no export line."""
 
 
 def memory_per_rank(config: ModelConfig, workload: Workload, tp: int = 1) -> Memory:
@@ -213,6 +231,50 @@ def device_need(config: ModelConfig, workload: Workload, acc: Accelerator) -> De
     )
 
 
+# What `kiln export --device` takes for each kind of unit; NeuronCores have no kiln device.
+_EXPORT_DEVICES = {"GPU": "cuda", "host": "cpu"}
+_EXPORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def export_commands(
+    model: str, workload: Workload, devices: Iterable[DeviceNeed]
+) -> tuple[tuple[ExportCommand, ...], tuple[str, ...]]:
+    """The ``kiln export`` command line that pre-shards the model for each accelerator's
+    smallest valid degree (one line per device and degree), and a note for each accelerator
+    kiln cannot export for as planned (the same rules ``kiln export`` enforces)."""
+    w = workload
+    dtype = _EXPORT_DTYPES[w.dtype]
+    by_key: dict[tuple[str, int], list[str]] = {}
+    notes = []
+    for d in devices:
+        device = _EXPORT_DEVICES.get(d.unit)
+        reason = None
+        if device is None:
+            reason = f"kiln export has no device for {d.unit}s (cpu or cuda)"
+        elif d.min_valid_tp is None:
+            reason = f"no valid tp fits one {d.unit}"
+        elif device == "cuda" and w.quantize != "none":
+            reason = f"--quantize {w.quantize} runs on the CPU only"
+        elif device == "cpu" and w.dtype == "float16":
+            reason = "--dtype fp16 is not supported on --device cpu"
+        elif d.min_valid_tp > 1 and w.quantize != "none":
+            reason = f"--quantize {w.quantize} does not combine with --tp {d.min_valid_tp}"
+        if reason is not None:
+            notes.append(f"{d.accelerator}: {reason}")
+            continue
+        assert device is not None and d.min_valid_tp is not None
+        by_key.setdefault((device, d.min_valid_tp), []).append(d.accelerator)
+    commands = []
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name or model or "model")
+    for (device, tp), accelerators in by_key.items():
+        words = ["kiln", "export", "--model", model or "default"]
+        words += ["-o", f"{stem}-{dtype}-{device}-tp{tp}"]
+        words += ["--batch-size", str(w.batch_size), "--sequence-length", str(w.sequence_length)]
+        words += ["--dtype", dtype, "--quantize", w.quantize, "--device", device, "--tp", str(tp)]
+        commands.append(ExportCommand(tuple(accelerators), device, tp, shlex.join(words)))
+    return tuple(commands), tuple(notes)
+
+
 TP_RULE = (
     "N must divide num_attention_heads, num_key_value_heads and vocab_size: each rank holds "
     "whole query and KV heads, 1/N of the MLP and an equal slice of the vocabulary; nothing is "
@@ -239,6 +301,8 @@ def make_plan(
             key = instance.accelerator.name
         accelerators.setdefault(key, instance.accelerator)
     w = workload
+    devices = tuple(device_need(config, workload, acc) for acc in accelerators.values())
+    commands, notes = export_commands(model, workload, devices)
     return Plan(
         model=model,
         model_type=config.model_type,
@@ -252,8 +316,10 @@ def make_plan(
         total_bytes=whole.total,
         tp_rule=TP_RULE,
         valid_tp_degrees=tuple(valid_tp_degrees(config)),
-        devices=tuple(device_need(config, workload, acc) for acc in accelerators.values()),
+        devices=devices,
         instances=tuple(fit_instance(config, workload, i) for i in instances),
+        export_commands=commands,
+        export_notes=notes,
     )
 
 
@@ -345,6 +411,10 @@ def render_table(plan: Plan) -> str:
     notes = [f"  {f.instance}: {note}" for f in plan.instances for note in f.notes]
     if notes:
         lines += ["", "notes:", *notes]
+    lines += ["", "export, pre-sharded for the smallest valid tp (kiln export --tp):"]
+    for e in plan.export_commands:
+        lines += [f"  {', '.join(e.accelerators)}:", f"    {e.command}"]
+    lines += [f"  {note}" for note in plan.export_notes]
     lines += [
         "",
         "tok/s: decode upper bound from memory bandwidth (weights + KV read once per step);",
