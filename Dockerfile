@@ -10,6 +10,15 @@
 # --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 (a CUDA build of the same torch).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG NODE_IMAGE=node:20-bookworm-slim
+
+# --- page: the web chat's TypeScript project (web/) bundled into src/kiln/ui/dist -------------
+FROM ${NODE_IMAGE} AS page
+WORKDIR /src
+COPY web/package.json web/package-lock.json ./web/
+RUN npm ci --prefix web
+COPY web ./web
+RUN npm run --prefix web build
 
 # --- build: a virtual environment with torch, kiln (with Ray Serve) and the default model ------
 FROM ${PYTHON_IMAGE} AS build
@@ -26,6 +35,7 @@ RUN pip install "${TORCH}" --index-url "${TORCH_INDEX}" \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
+COPY --from=page /src/src/kiln/ui/dist ./src/kiln/ui/dist
 # Not editable: the runtime stage gets the venv alone, without the sources. (DL3013 asks for a
 # pinned version: this is the local source tree, and torch is pinned above.)
 # hadolint ignore=DL3013

@@ -178,3 +178,40 @@ def test_k8s_api_key_comes_from_a_secret_not_the_config(tmp_path: Path) -> None:
     }
     args = yaml.safe_load(docs["RayService"]["spec"]["serveConfigV2"])["applications"][0]["args"]
     assert args["api_key_env"] == "KILN_API_KEY"
+
+
+def test_k8s_postgres_store_comes_from_a_secret(tmp_path: Path) -> None:
+    """--db-secret: every replica shares one PostgreSQL store whose URL (password included)
+    reaches the pods from a Secret, never the config KubeRay shows; no volume is claimed."""
+    flags = ("--api-key-env", "KILN_API_KEY", "--api-key-secret", "kiln-key")
+    docs = _k8s(tmp_path, "--db-secret", "kiln-db", *flags)
+    assert "PersistentVolumeClaim" not in docs
+    workers = docs["RayService"]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    pod = workers["template"]["spec"]
+    assert "volumes" not in pod and "volumeMounts" not in pod["containers"][0]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in pod["containers"][0]["env"]}
+    assert env == {
+        "KILN_API_KEY": {"name": "kiln-key", "key": "api-key"},
+        "KILN_CHAT_DB": {"name": "kiln-db", "key": "url"},
+    }
+    serve_config = yaml.safe_load(docs["RayService"]["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_config)
+    args = serve_config["applications"][0]["args"]
+    assert args["chat_db"] is None
+    assert args["chat_db_env"] == "KILN_CHAT_DB"
+
+
+def test_replica_store_is_a_path_or_a_variable_not_both() -> None:
+    with pytest.raises(ConfigError, match="chat_db or chat_db_env"):
+        ReplicaConfig(chat_db="/data/chat.sqlite3", chat_db_env="KILN_CHAT_DB")
+
+
+def test_replica_reads_its_store_url_from_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.deploy.ray_serve import _from_env
+
+    monkeypatch.setenv("KILN_CHAT_DB", "postgresql://kiln:secret@db/kiln")
+    assert _from_env("KILN_CHAT_DB", "chat_db_env") == "postgresql://kiln:secret@db/kiln"
+    assert _from_env(None, "chat_db_env") is None
+    monkeypatch.delenv("KILN_CHAT_DB")
+    with pytest.raises(ConfigError, match=r"chat_db_env: \$KILN_CHAT_DB is not set"):
+        _from_env("KILN_CHAT_DB", "chat_db_env")

@@ -58,7 +58,11 @@ class ScaleOptions:
     port: int = 8000
 
     def config(
-        self, engine: EngineOptions, host: str, chat_db: str | None = None
+        self,
+        engine: EngineOptions,
+        host: str,
+        chat_db: str | None = None,
+        chat_db_env: str | None = None,
     ) -> RayServeConfig:
         from kiln.deploy.config import (
             AutoscalingConfig,
@@ -83,6 +87,7 @@ class ScaleOptions:
             threads=self.threads or max(1, math.floor(self.num_cpus)),
             max_concurrent_requests=self.max_concurrent_requests,
             chat_db=chat_db,
+            chat_db_env=chat_db_env,
             api_key_env=self.api_key_env,
         )
         resources = ReplicaResources(self.num_cpus, self.num_gpus, self.neuron_cores)
@@ -102,7 +107,7 @@ def deploy_ray(
     engine: EngineOptions,
     address: str | None = None,
     host: str = "127.0.0.1",
-    chat_db: str | None = None,
+    db: str | None = None,
     emit_config: str | None = None,
 ) -> int:
     """Run kiln on Ray Serve: every replica serves kiln serve's routes behind Ray's proxy.
@@ -114,10 +119,11 @@ def deploy_ray(
     Args:
         address: an existing Ray cluster (ray://HOST:10001 or HOST:6379; default: local).
         host: the address Serve's HTTP proxy listens on.
-        chat_db: the web chat's SQLite file on each replica's node (default: in memory).
+        db: the web chat's store, as kiln serve's --db: a SQLite file on each replica's
+            node, or a postgresql:// URL that every replica shares (default: in memory).
         emit_config: write the Serve config (YAML) to this file (- for stdout) and exit.
     """
-    config = scale.config(engine, host, chat_db)
+    config = scale.config(engine, host, db)
     if emit_config is not None:
         import yaml
 
@@ -165,6 +171,7 @@ def deploy_k8s(
     chat_storage: str | None = "1Gi",
     storage_class: str | None = None,
     api_key_secret: str | None = None,
+    db_secret: str | None = None,
     output: str = "-",
 ) -> int:
     """Write Kubernetes manifests for KubeRay: a RayService (CPU head, autoscaled worker group,
@@ -184,13 +191,17 @@ def deploy_k8s(
         storage_class: the volume's storage class (default: the cluster's).
         api_key_secret: a Secret whose `api-key` entry becomes the --api-key-env variable of
             the worker pods (kubectl create secret generic NAME --from-literal=api-key=KEY).
+        db_secret: a Secret whose `url` entry is a postgresql:// URL: the chat store every
+            replica shares, instead of a volume (kubectl create secret generic NAME
+            --from-literal=url=postgresql://USER:PASSWORD@HOST/DB).
         output: the manifest file (- for stdout).
     """
-    from kiln.deploy.kuberay import CHAT_MOUNT, ClusterSpec, manifests, to_yaml
+    from kiln.deploy.kuberay import CHAT_DB_ENV, CHAT_MOUNT, ClusterSpec, manifests, to_yaml
 
-    storage = None if chat_storage in (None, "none") else chat_storage
+    storage = None if chat_storage in (None, "none") or db_secret else chat_storage
     chat_db = f"{CHAT_MOUNT}/chat.sqlite3" if storage else None
-    config = scale.config(engine, "0.0.0.0", chat_db)
+    chat_db_env = CHAT_DB_ENV if db_secret else None
+    config = scale.config(engine, "0.0.0.0", chat_db, chat_db_env)
     cluster = ClusterSpec(
         name=name,
         image=image,
@@ -203,6 +214,7 @@ def deploy_k8s(
         chat_storage=storage,
         storage_class=storage_class,
         api_key_secret=api_key_secret,
+        db_secret=db_secret,
     )
     _write(output, to_yaml(manifests(cluster, config)))
     return 0

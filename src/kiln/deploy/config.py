@@ -45,7 +45,10 @@ class ReplicaConfig:
         max_concurrent_requests: requests in flight per replica before 429.
         max_input_tokens: longest prompt accepted (default: the context minus one).
         max_total_tokens: longest prompt + max_new_tokens accepted (default: the context).
-        chat_db: the web chat's SQLite file (None: in memory, per replica).
+        chat_db: the web chat's store: a SQLite file on the replica's node or a
+            ``postgresql://`` URL (None: in memory, per replica).
+        chat_db_env: the environment variable holding the store's URL instead (a PostgreSQL
+            URL carries its password: kept out of the config file, like the API key).
         api_key_env: the environment variable holding the API key each replica requires
             (kept out of the config file, which `serve status` and KubeRay show to anyone).
     """
@@ -58,10 +61,13 @@ class ReplicaConfig:
     max_input_tokens: int | None = None
     max_total_tokens: int | None = None
     chat_db: str | None = None
+    chat_db_env: str | None = None
     api_key_env: str | None = None
 
     def __post_init__(self) -> None:
         self.engine_args()  # unknown or out-of-range engine options fail now
+        if self.chat_db is not None and self.chat_db_env is not None:
+            raise ConfigError("give chat_db or chat_db_env, not both")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.max_concurrent_requests < 1:

@@ -25,6 +25,8 @@ _DEVICE_RESOURCE = {"nvidia": "nvidia.com/gpu", "neuron": "aws.amazon.com/neuron
 RAY_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "serve": 8000}
 DASHBOARD_AGENT_PORT = 52365
 CHAT_MOUNT = "/data"
+CHAT_DB_ENV = "KILN_CHAT_DB"
+"""The variable worker pods get the chat store's PostgreSQL URL in (from ``db_secret``)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class ClusterSpec:
         idle_timeout_s: how long an idle worker pod lives before the autoscaler removes it.
         api_key_secret: a Secret whose ``api-key`` entry worker pods get as the replica's
             ``api_key_env`` variable (None: no API key).
+        db_secret: a Secret whose ``url`` entry (a ``postgresql://`` URL) worker pods get as
+            the replica's ``chat_db_env`` variable: every replica then shares one PostgreSQL
+            chat store, and no volume is claimed.
     """
 
     name: str
@@ -63,8 +68,11 @@ class ClusterSpec:
     storage_class: str | None = None
     idle_timeout_s: int = 60
     api_key_secret: str | None = None
+    db_secret: str | None = None
 
     def __post_init__(self) -> None:
+        if self.db_secret is not None and self.chat_storage is not None:
+            raise ConfigError("the chat store is a volume or a PostgreSQL secret, not both")
         if self.accelerator not in ACCELERATORS:
             raise ConfigError(f"accelerator must be one of {', '.join(ACCELERATORS)}")
         if not 0 <= self.min_workers <= self.max_workers or self.max_workers < 1:
@@ -145,8 +153,8 @@ def chat_volume_claim(cluster: ClusterSpec) -> dict[str, Any]:
     """The web chat's SQLite store, mounted on every worker pod.
 
     NOTE: ReadWriteMany because every worker pod mounts it; SQLite over a network filesystem
-    is safe for one writing pod only, so beyond one worker this is a stopgap until the store
-    speaks PostgreSQL.
+    is safe for one writing pod only, so beyond one worker use a PostgreSQL store
+    (``db_secret``) instead.
     """
     spec: dict[str, Any] = {
         "accessModes": ["ReadWriteMany"],
@@ -233,13 +241,19 @@ def _worker_group(cluster: ClusterSpec, serve: RayServeConfig) -> dict[str, Any]
         "livenessProbe": _http_probe("/api/local_raylet_healthz", DASHBOARD_AGENT_PORT, 10, 30),
         "ports": [{"name": "serve", "containerPort": RAY_PORTS["serve"]}],
     }
+    env: list[dict[str, Any]] = []
     if cluster.api_key_secret is not None:
         if serve.replica.api_key_env is None:
             raise ConfigError("an API key secret needs the replicas' api_key_env")
         secret = {"name": cluster.api_key_secret, "key": "api-key"}
-        container["env"] = [
-            {"name": serve.replica.api_key_env, "valueFrom": {"secretKeyRef": secret}}
-        ]
+        env.append({"name": serve.replica.api_key_env, "valueFrom": {"secretKeyRef": secret}})
+    if cluster.db_secret is not None:
+        if serve.replica.chat_db_env is None:
+            raise ConfigError("a database secret needs the replicas' chat_db_env")
+        secret = {"name": cluster.db_secret, "key": "url"}
+        env.append({"name": serve.replica.chat_db_env, "valueFrom": {"secretKeyRef": secret}})
+    if env:
+        container["env"] = env
     if cluster.chat_storage is not None:
         container["volumeMounts"] = [{"name": "chat", "mountPath": CHAT_MOUNT}]
         pod["volumes"] = [

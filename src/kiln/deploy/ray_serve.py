@@ -74,7 +74,7 @@ class KilnReplica:
             max_total_tokens=config.max_total_tokens,
             api_key=_api_key(config.api_key_env),
             model_id=config.model_id,
-            chat_db=config.chat_db,
+            chat_db=_from_env(config.chat_db_env, "chat_db_env") or config.chat_db,
         )
         # NOTE: not `self.app`: Ray's ingress wrapper owns that name (a read-only property).
         self.kiln_app = create_app(llm, server)
@@ -92,12 +92,17 @@ class KilnReplica:
 
 
 def _api_key(env: str | None) -> str | None:
+    return _from_env(env, "api_key_env")
+
+
+def _from_env(env: str | None, option: str) -> str | None:
+    """The value of the variable ``env`` names on this replica's node (None: no ``env``)."""
     if env is None:
         return None
-    key = os.environ.get(env)
-    if not key:
-        raise ConfigError(f"api_key_env: ${env} is not set on this replica's node")
-    return key
+    value = os.environ.get(env)
+    if not value:
+        raise ConfigError(f"{option}: ${env} is not set on this replica's node")
+    return value
 
 
 def application(config: RayServeConfig) -> Application:
