@@ -39,8 +39,9 @@ def export(
         tp: tensor-parallel degree: the weights are pre-sharded into one file per rank,
             and the artifact loads with that many worker processes (its --tp by default);
             float weights only (no --quantize int8/int4), a degree kiln plan lists as valid.
-        registry: a local registry to look in first: a compatible artifact there is pulled
-            instead of exporting again; a new export is pushed to it.
+        registry: a registry (local path, file:// or fsspec URL such as s3://bucket/dir) to
+            look in first: a compatible artifact there is pulled instead of exporting again;
+            a new export is pushed to it.
     """
     from pathlib import Path
 
@@ -52,7 +53,7 @@ def export(
     if registry is not None:
         source = resolve_checkpoint(model)
         found = lookup(
-            Path(registry),
+            registry,
             source_sha256=source_sha256(source.path),
             dtype=str(EXPORT_DTYPES[dtype]).removeprefix("torch."),
             quantization=options.quantization,
@@ -82,9 +83,10 @@ def export(
 def push(artifact: str | None = None, target: str | None = None) -> int:
     """Push an artifact directory to a registry: kiln push DIR TARGET.
 
-    TARGET is a local path or file:// URL (an existing directory is a registry the artifact
-    goes into; a new path is the artifact's own) or a Hugging Face hub repo id. Local pushes
-    are atomic: an interrupted push leaves nothing a pull, lookup or `models ls` finds.
+    TARGET is a local path, file:// URL or fsspec URL (memory://, s3://, gs://...; an
+    existing directory is a registry the artifact goes into, a new path is the artifact's own)
+    or a Hugging Face hub repo id. An interrupted push leaves nothing a pull, lookup or
+    `models ls` finds (locally: atomic rename; fsspec: the file list is written last).
 
     Args:
         artifact: the artifact directory (or give it first, without the flag).
@@ -103,7 +105,8 @@ def pull(source: str | None = None, directory: str | None = None) -> int:
     """Pull an artifact into a new directory, checking every file's sha256: kiln pull SRC DIR.
 
     Args:
-        source: a local path, file:// URL or hub repo id (or give it first, without the flag).
+        source: a local path, file:// or fsspec URL, or hub repo id (or give it first,
+            without the flag).
         directory: the new directory (or give it second, without the flag).
     """
     from pathlib import Path
@@ -116,17 +119,17 @@ def pull(source: str | None = None, directory: str | None = None) -> int:
 
 
 def models_ls(registry: str | None = None) -> int:
-    """List the artifacts of a local registry with their shapes, size and content hash.
+    """List the artifacts of a registry with their shapes, size and content hash.
 
     Args:
-        registry: the registry directory (default: ~/.cache/kiln/artifacts, or
-            $KILN_CACHE_DIR/artifacts).
+        registry: the registry directory, file:// or fsspec URL (default:
+            ~/.cache/kiln/artifacts, or $KILN_CACHE_DIR/artifacts).
     """
     from pathlib import Path
 
     from kiln.export.registry import default_registry, list_artifacts
 
-    root = Path(registry) if registry is not None else default_registry()
+    root: Path | str = registry if registry is not None else default_registry()
     entries = list_artifacts(root)
     if not entries:
         print(f"no artifacts in {root}")
@@ -138,7 +141,7 @@ def models_ls(registry: str | None = None) -> int:
     for e in entries:
         m = e.manifest
         print(
-            f"{e.path.name:<60} {m.batch_size:>5} {m.sequence_length:>6} {m.dtype:<8} "
+            f"{e.name:<60} {m.batch_size:>5} {m.sequence_length:>6} {m.dtype:<8} "
             f"{m.quantization:<6} {m.device:<4} {m.tp_degree:>3} {e.size / 2**20:>7.1f}Mi  "
             f"{e.artifact_id[:16]}"
         )
@@ -168,7 +171,7 @@ def add_export_commands(commands: Any, benches: Any) -> None:
     _positionals(commands.choices["push"], "artifact", "target")
     add_command(commands, pull)
     _positionals(commands.choices["pull"], "source", "directory")
-    models = commands.add_parser("models", help="exported artifacts in a local registry")
+    models = commands.add_parser("models", help="exported artifacts in a registry")
     group = models.add_subparsers(title="commands", required=True, metavar="COMMAND")
     add_command(group, models_ls, "ls")
     add_command(benches, bench_start, "start")

@@ -9,6 +9,8 @@ reused: the free queue doubles as an LRU of cached blocks.
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -190,9 +192,27 @@ def allocate_kv_cache(
     """``num_hidden_layers`` tensors ``[2, num_blocks * block_size, num_kv_heads, head_dim]``.
 
     Slots are stored flat: blocks are a bookkeeping unit, and a flat layout lets attention
-    read a sequence's context with one index (or a slice when its blocks are contiguous)."""
+    read a sequence's context with one index (or a slice when its blocks are contiguous).
+
+    On a CPU the tensors are views of one anonymous memory map. NOTE: ``torch.zeros`` writes
+    every page up front: for the exported SmolLM2 shapes (94 MiB) that was the largest part of
+    a warm start to the first token. An anonymous map is zero by the kernel's guarantee and a
+    page is only materialized when a slot in it is first written, so the cache still starts
+    all-zero (attention never multiplies garbage) but costs nothing until used."""
     shape = (2, num_blocks * block_size, config.num_key_value_heads, config.head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+    if device.type != "cpu":
+        return [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
+        ]
+    per_layer = math.prod(shape)
+    element = torch.empty(0, dtype=dtype).element_size()
+    region = mmap.mmap(-1, per_layer * element * config.num_hidden_layers)
+    # frombuffer keeps a reference to the map: it is unmapped when the last view is freed.
+    flat = torch.frombuffer(region, dtype=dtype)
+    return [
+        flat[i * per_layer : (i + 1) * per_layer].view(shape)
+        for i in range(config.num_hidden_layers)
+    ]
 
 
 def num_kv_blocks(

@@ -178,17 +178,28 @@ def write_files_manifest(directory: Path) -> dict[str, dict[str, Any]]:
 def read_files_manifest(directory: Path) -> dict[str, dict[str, Any]]:
     path = Path(directory) / FILES_MANIFEST
     try:
-        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ModelLoadError(
             f"{directory}: not a complete kiln artifact (no {FILES_MANIFEST})"
         ) from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except OSError as e:
         raise ModelLoadError(f"{path}: unreadable ({e})") from None
+    return parse_files_manifest(text, str(path))
+
+
+def parse_files_manifest(text: str, where: str) -> dict[str, dict[str, Any]]:
+    """The file list of a :data:`FILES_MANIFEST` read from ``where`` (a path or a URL)."""
+    try:
+        files = json.loads(text)["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a mapping")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{where}: unreadable ({e})") from None
     for name in files:
         # A name with a separator could write or read outside the artifact on pull.
         if not _is_plain_name(name):
-            raise ModelLoadError(f"{path}: bad file name {name!r}")
+            raise ModelLoadError(f"{where}: bad file name {name!r}")
     return files
 
 
@@ -199,7 +210,11 @@ def _is_plain_name(name: str) -> bool:
 
 def artifact_id(directory: Path) -> str:
     """sha256 of the artifact's file list (names, hashes, sizes): its content id."""
-    files = read_files_manifest(directory)
+    return files_id(read_files_manifest(directory))
+
+
+def files_id(files: dict[str, dict[str, Any]]) -> str:
+    """:func:`artifact_id` of a file list already read (e.g. from a remote registry)."""
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 

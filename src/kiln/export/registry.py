@@ -9,6 +9,10 @@ file list, then renames.
 
 A Hugging Face hub repo id (``owner/name``) is pushed with ``upload_folder`` and pulled with
 ``snapshot_download`` (then verified the same way); the hub itself makes a push one commit.
+
+Any other URL (``memory://``, ``s3://``, ``gs://``...) is a registry on an fsspec filesystem
+(:mod:`kiln.export.remote`: files written in place, the file list last, as a completeness
+marker, since a rename there is no atomic operation).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 import kiln
 from kiln.errors import ConfigError, ModelLoadError
+from kiln.export import remote
 from kiln.export.manifest import (
     FILES_MANIFEST,
     ArtifactManifest,
@@ -50,11 +55,17 @@ def default_registry() -> Path:
 class RegistryEntry:
     """One complete artifact of a registry."""
 
-    path: Path
+    path: Path | str
+    """Its directory, or its URL in an fsspec registry (what :func:`pull` takes)."""
     manifest: ArtifactManifest
     artifact_id: str
     size: int
     """Bytes of all its files."""
+
+    @property
+    def name(self) -> str:
+        """Its name in the registry (:func:`artifact_name`)."""
+        return self.path.name if isinstance(self.path, Path) else remote.resolve(self.path).name
 
 
 def artifact_name(manifest: ArtifactManifest, content_id: str) -> str:
@@ -70,13 +81,18 @@ def artifact_name(manifest: ArtifactManifest, content_id: str) -> str:
 def push(artifact: Path, target: str) -> str:
     """Push the artifact at ``artifact`` to ``target``; returns where it now is.
 
-    ``target``: a hub repo id; or a local path or ``file://`` URL: an existing directory that
-    is not itself an artifact is a registry (the artifact goes in under :func:`artifact_name`,
-    as ``cp`` copies into a directory), a path that does not exist is the artifact's own.
+    ``target``: a hub repo id; or a local path, ``file://`` or fsspec URL: an existing
+    directory that is not itself an artifact is a registry (the artifact goes in under
+    :func:`artifact_name`, as ``cp`` copies into a directory), a path that does not exist is
+    the artifact's own.
     """
     artifact = Path(artifact)
     manifest = _require_artifact(artifact)
     verify_files(artifact)  # never publish a corrupted copy
+    if _is_fsspec_url(target):
+        content_id = artifact_id(artifact)
+        name = artifact_name(manifest, content_id)
+        return remote.push_remote(artifact, remote.resolve(target), name, content_id)
     local = _local_path(target)
     if local is None:
         return _push_hub(artifact, target)
@@ -103,8 +119,9 @@ def push(artifact: Path, target: str) -> str:
 
 
 def pull(source: str, destination: Path) -> Path:
-    """Copy the artifact at ``source`` (local path, ``file://`` URL or hub repo id) into the new
-    directory ``destination``, every file checked against the artifact's sha256 list."""
+    """Copy the artifact at ``source`` (local path, ``file://`` or fsspec URL, or hub repo id)
+    into the new directory ``destination``, every file checked against the artifact's sha256
+    list; nothing is kept when one differs."""
     destination = Path(destination)
     if destination.exists() and (not destination.is_dir() or not _is_empty(destination)):
         raise ConfigError(f"{destination}: already exists and is not an empty directory")
@@ -113,8 +130,10 @@ def pull(source: str, destination: Path) -> Path:
         tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{destination.name}.pull-", dir=destination.parent)
     )
     try:
-        local = _local_path(source)
-        if local is None:
+        local = None if _is_fsspec_url(source) else _local_path(source)
+        if _is_fsspec_url(source):
+            files = remote.download(remote.resolve(source), staging)
+        elif local is None:
             _download_hub(source, staging)
             files = read_files_manifest(staging)
         else:
@@ -134,8 +153,19 @@ def pull(source: str, destination: Path) -> Path:
     return destination
 
 
-def list_artifacts(registry: Path) -> list[RegistryEntry]:
-    """The complete artifacts of a local registry, by name (hidden temporaries skipped)."""
+def list_artifacts(registry: Path | str) -> list[RegistryEntry]:
+    """The complete artifacts of a registry (a directory, ``file://`` or fsspec URL), by name;
+    hidden temporaries and artifacts without their file list are skipped."""
+    if isinstance(registry, str):
+        if _is_fsspec_url(registry):
+            return [
+                RegistryEntry(location.url, manifest, content_id, size)
+                for location, manifest, content_id, size in remote.list_remote(
+                    remote.resolve(registry)
+                )
+            ]
+        local = _local_path(registry)
+        registry = local if local is not None else Path(registry)
     registry = Path(registry)
     if not registry.is_dir():
         return []
@@ -158,7 +188,7 @@ def list_artifacts(registry: Path) -> list[RegistryEntry]:
 
 
 def lookup(
-    registry: Path,
+    registry: Path | str,
     *,
     source_sha256: str,
     dtype: str,
@@ -222,6 +252,12 @@ def _require_artifact(path: Path) -> ArtifactManifest:
     return manifest
 
 
+def _is_fsspec_url(target: str) -> bool:
+    """A URL for fsspec: any ``protocol://`` but ``file://``, which stays on the local path
+    (fsynced files, atomic rename)."""
+    return "://" in target and not target.startswith("file://")
+
+
 def _local_path(target: str) -> Path | None:
     """The local path ``target`` names; None for a hub repo id."""
     if target.startswith("file://"):
@@ -229,8 +265,6 @@ def _local_path(target: str) -> Path | None:
         if parsed.netloc not in ("", "localhost"):
             raise ConfigError(f"{target}: only local file:// URLs are supported")
         return Path(urllib.parse.unquote(parsed.path))
-    if "://" in target:
-        raise ConfigError(f"{target}: use a local path, a file:// URL or a hub repo id owner/name")
     path = Path(target).expanduser()
     if path.exists() or target.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(target):
         return path
