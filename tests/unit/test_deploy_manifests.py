@@ -7,6 +7,7 @@ deploys an emitted config on a local Ray cluster).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,17 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from kiln.cli.main import main
-from kiln.deploy.config import BUILDER_IMPORT_PATH, DEPLOYMENT_NAME, ReplicaConfig
+from kiln.deploy.config import (
+    BUILDER_IMPORT_PATH,
+    DEPLOYMENT_NAME,
+    INGRESS_DEPLOYMENT_NAME,
+    MODELS_BUILDER_IMPORT_PATH,
+    AutoscalingConfig,
+    ModelDeployment,
+    RayServeConfig,
+    ReplicaConfig,
+    ReplicaResources,
+)
 from kiln.errors import ConfigError
 
 
@@ -215,3 +226,112 @@ def test_replica_reads_its_store_url_from_the_variable(monkeypatch: pytest.Monke
     monkeypatch.delenv("KILN_CHAT_DB")
     with pytest.raises(ConfigError, match=r"chat_db_env: \$KILN_CHAT_DB is not set"):
         _from_env("KILN_CHAT_DB", "chat_db_env")
+
+
+# --- several models: one deployment per model behind one ingress ------------------------------
+
+
+def _emit_models(tmp_path: Path, *flags: str) -> dict[str, Any]:
+    path = tmp_path / "serve.yaml"
+    assert main(["deploy", "ray", *flags, "--emit-config", str(path)]) == 0
+    return yaml.safe_load(path.read_text())
+
+
+def test_two_models_config_validates_with_a_deployment_per_model(tmp_path: Path) -> None:
+    flags = ("--model", "a=/models/a", "--model", "/models/b", "--replicas", "2")
+    config = _emit_models(tmp_path, *flags, "--num-cpus", "0.5", "--threads", "1")
+    [app] = ServeDeploySchema.model_validate(config).applications
+    assert app.import_path == MODELS_BUILDER_IMPORT_PATH
+    ingress, *models = app.deployments
+    assert ingress.name == INGRESS_DEPLOYMENT_NAME and ingress.num_replicas == 1
+    assert [d.name for d in models] == ["kiln-a", "kiln-b"]
+    for deployment in models:
+        assert deployment.num_replicas == 2
+        assert deployment.ray_actor_options.num_cpus == 0.5
+    # Each model's args are named (the ingress routes by these names), the default first.
+    replicas = [ReplicaConfig.from_args(m) for m in app.args["models"]]
+    assert [(r.model, r.model_id, r.threads) for r in replicas] == [
+        ("/models/a", "a", 1),
+        ("/models/b", "b", 1),
+    ]
+
+
+def test_each_model_deployment_keeps_its_own_options() -> None:
+    config = RayServeConfig(
+        replica=ReplicaConfig(model="/models/a", model_id="a"),
+        num_replicas=3,
+        more_models=(
+            ModelDeployment(
+                replica=ReplicaConfig(model="/models/big"),
+                resources=ReplicaResources(num_cpus=2, num_gpus=1),
+                autoscaling=AutoscalingConfig(min_replicas=0, max_replicas=4),
+                max_ongoing_requests=8,
+            ),
+        ),
+        ingress_replicas=2,
+    ).serve_config()
+    [app] = ServeDeploySchema.model_validate(config).applications
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {INGRESS_DEPLOYMENT_NAME, "kiln-a", "kiln-big"}
+    assert deployments[INGRESS_DEPLOYMENT_NAME].num_replicas == 2
+    assert deployments["kiln-a"].num_replicas == 3
+    assert deployments["kiln-a"].ray_actor_options.num_gpus == 0
+    big = deployments["kiln-big"]
+    assert big.autoscaling_config["max_replicas"] == 4
+    assert big.ray_actor_options.num_gpus == 1 and big.max_ongoing_requests == 8
+    assert "num_replicas" not in config["applications"][0]["deployments"][2]
+
+
+def test_the_ingress_is_the_route_and_binds_every_model() -> None:
+    from kiln.deploy.ray_serve import build_models_app
+
+    args = {"models": [{"model": "/models/a"}, {"model": "/models/b", "model_id": "bee"}]}
+    app = build_models_app(args)
+    # The builder's returned deployment is what Ray's HTTP proxy sends requests to.
+    ingress = app._bound_deployment
+    assert ingress.name == INGRESS_DEPLOYMENT_NAME
+    models, default = ingress.init_args
+    assert default == "a"
+    assert {k: v._bound_deployment.name for k, v in models.items()} == {
+        "a": "kiln-a",
+        "bee": "kiln-bee",
+    }
+
+
+def test_models_config_file_names_models_and_picks_the_default(tmp_path: Path) -> None:
+    models = tmp_path / "models.json"
+    entries = [{"name": "x", "model": "/models/x"}, {"model": "/models/y", "dtype": "bfloat16"}]
+    models.write_text(json.dumps({"models": entries, "default": "y"}))
+    config = _emit_models(tmp_path, "--models-config", str(models))
+    [app] = ServeDeploySchema.model_validate(config).applications
+    assert [d.name for d in app.deployments] == [INGRESS_DEPLOYMENT_NAME, "kiln-y", "kiln-x"]
+    y, x = (ReplicaConfig.from_args(m) for m in app.args["models"])
+    assert (y.model_id, y.engine["dtype"]) == ("y", "bfloat16")
+    assert (x.model_id, x.engine["dtype"]) == ("x", "auto")
+
+
+def test_one_model_named_inline_keeps_the_single_deployment(tmp_path: Path) -> None:
+    config = _emit_models(tmp_path, "--model", "tiny=/models/m")
+    [app] = ServeDeploySchema.model_validate(config).applications
+    assert app.import_path == BUILDER_IMPORT_PATH
+    assert [d.name for d in app.deployments] == [DEPLOYMENT_NAME]
+    assert app.args["model_id"] == "tiny"
+
+
+def test_two_models_under_one_id_are_refused() -> None:
+    with pytest.raises(ConfigError, match="own model_id"):
+        RayServeConfig(
+            replica=ReplicaConfig(model="/a/m"),
+            more_models=(ModelDeployment(replica=ReplicaConfig(model="/b/m")),),
+        )
+
+
+def test_k8s_embeds_the_several_model_config(tmp_path: Path) -> None:
+    docs = _k8s(tmp_path, "--model", "other=/models/other", "--api-key-env", "KILN_API_KEY")
+    serve_config = yaml.safe_load(docs["RayService"]["spec"]["serveConfigV2"])
+    [app] = ServeDeploySchema.model_validate(serve_config).applications
+    assert app.import_path == MODELS_BUILDER_IMPORT_PATH
+    assert [d.name for d in app.deployments] == [INGRESS_DEPLOYMENT_NAME, "kiln-m", "kiln-other"]
+    # Every model's replicas get the store and the key variable the pods are given.
+    for args in app.args["models"]:
+        assert args["chat_db"] and args["api_key_env"] == "KILN_API_KEY"

@@ -20,8 +20,12 @@ class ScaleOptions:
 
     Args:
         model: local directory, .gguf file, exported artifact directory (kiln export: fast
-            cold start) or hub id, as each replica's node sees it (default: SmolLM2-135M).
-        model_id: the name clients see (default: the model path's last part).
+            cold start) or hub id, as each replica's node sees it, as NAME=MODEL to name it
+            (default: SmolLM2-135M). Give several to serve each as its own deployment behind
+            one URL: OpenAI requests pick one by their `model`, others go to the first.
+        models_config: a JSON file of more models, as kiln serve's --models-config: {"models":
+            [{"name": "a", "model": "/models/a", "dtype": "bfloat16"}, ...], "default": "a"}.
+        model_id: the name clients see of the (first) model (default: its path's last part).
         dtype: auto, float32, bfloat16 or float16.
         replicas: fixed number of replicas (without --max-replicas).
         min_replicas: autoscale from this many replicas (0: scale to zero when idle).
@@ -37,9 +41,11 @@ class ScaleOptions:
         max_concurrent_requests: requests in flight per replica before 429.
         api_key_env: environment variable holding the API key replicas require.
         port: the Serve HTTP port.
+        ingress_replicas: replicas of the routing deployment in front of several models.
     """
 
-    model: str | None = None
+    model: list[str] | None = None
+    models_config: str | None = None
     model_id: str | None = None
     dtype: str = "auto"
     replicas: int = 1
@@ -56,6 +62,7 @@ class ScaleOptions:
     max_concurrent_requests: int = 128
     api_key_env: str | None = None
     port: int = 8000
+    ingress_replicas: int = 1
 
     def config(
         self,
@@ -66,6 +73,7 @@ class ScaleOptions:
     ) -> RayServeConfig:
         from kiln.deploy.config import (
             AutoscalingConfig,
+            ModelDeployment,
             RayServeConfig,
             ReplicaConfig,
             ReplicaResources,
@@ -80,26 +88,73 @@ class ScaleOptions:
                 upscale_delay_s=self.upscale_delay_s,
                 downscale_delay_s=self.downscale_delay_s,
             )
-        replica = ReplicaConfig(
-            model=self.model,
-            model_id=self.model_id,
-            engine={"dtype": self.dtype, **engine.as_options()},
-            threads=self.threads or max(1, math.floor(self.num_cpus)),
-            max_concurrent_requests=self.max_concurrent_requests,
-            chat_db=chat_db,
-            chat_db_env=chat_db_env,
-            api_key_env=self.api_key_env,
-        )
+        engine_options = {"dtype": self.dtype, **engine.as_options()}
+        replicas = [
+            ReplicaConfig(
+                model=model,
+                model_id=model_id,
+                engine={**engine_options, **options},
+                threads=self.threads or max(1, math.floor(self.num_cpus)),
+                max_concurrent_requests=self.max_concurrent_requests,
+                chat_db=chat_db,
+                chat_db_env=chat_db_env,
+                api_key_env=self.api_key_env,
+            )
+            for model, model_id, options in self.models()
+        ]
         resources = ReplicaResources(self.num_cpus, self.num_gpus, self.neuron_cores)
+        # Every model's deployment gets the same scale options here; the emitted config's
+        # `deployments` entries can be edited per model.
+        more = tuple(
+            ModelDeployment(
+                replica=replica,
+                resources=resources,
+                num_replicas=self.replicas,
+                autoscaling=autoscaling,
+                max_ongoing_requests=self.max_ongoing_requests,
+            )
+            for replica in replicas[1:]
+        )
         return RayServeConfig(
-            replica=replica,
+            replica=replicas[0],
             resources=resources,
             num_replicas=self.replicas,
             autoscaling=autoscaling,
             max_ongoing_requests=self.max_ongoing_requests,
             host=host,
             port=self.port,
+            more_models=more,
+            ingress_replicas=self.ingress_replicas,
         )
+
+    def models(self) -> list[tuple[str | None, str | None, dict[str, Any]]]:
+        """(model, model_id, engine options of its own) of each model, the default first.
+
+        One plain --model keeps its id unset (the replica names it, as before several models
+        existed); with several, each is named as kiln serve names it, so requests can pick it.
+        """
+        from kiln.errors import ConfigError
+        from kiln.serving.models import ModelSpec, read_models_config
+
+        given = self.model or []
+        if not given and self.models_config is None:
+            return [(None, self.model_id, {})]
+        if len(given) == 1 and "=" not in given[0] and self.models_config is None:
+            return [(given[0], self.model_id, {})]
+        specs = [ModelSpec.parse(m) for m in given]
+        default = None
+        if self.models_config is not None:
+            more, default = read_models_config(self.models_config)
+            specs += more
+        default = default or specs[0].name
+        names = [s.name for s in specs]
+        if default not in names:
+            raise ConfigError(f"the default model {default!r} is none of {names}")
+        specs.sort(key=lambda s: s.name != default)  # stable: the default first, others kept
+        models = [(s.model, s.name, dict(s.options)) for s in specs]
+        if self.model_id is not None:
+            models[0] = (models[0][0], self.model_id, models[0][2])
+        return models
 
 
 def deploy_ray(

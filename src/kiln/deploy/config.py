@@ -10,11 +10,17 @@ A :class:`RayServeConfig` becomes, in one place each:
 - :meth:`RayServeConfig.serve_config`: a ``serve run``/``serve deploy`` config file (Ray's
   ``ServeDeploySchema``), also KubeRay's ``serveConfigV2``; its application's ``args`` are
   :meth:`ReplicaConfig.to_args`, which the builder ``kiln.deploy.ray_serve:build_app`` reads back.
+
+Several models (``more_models``) make one application of one deployment per model
+(:class:`ModelDeployment`, each with its own replicas and resources) behind a small ingress
+deployment that routes each request by its ``model``: clients keep one base URL. Its builder is
+``kiln.deploy.ray_serve:build_models_app``, its ``args`` ``{"models": [replica args, ...]}``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +32,16 @@ BUILDER_IMPORT_PATH = "kiln.deploy.ray_serve:build_app"
 
 DEPLOYMENT_NAME = "KilnReplica"
 """The deployment's name inside its application (``serve status`` lists it)."""
+
+MODELS_BUILDER_IMPORT_PATH = "kiln.deploy.ray_serve:build_models_app"
+"""The builder of a several-model application: ``args`` are ``{"models": [...]}``."""
+
+INGRESS_DEPLOYMENT_NAME = "KilnIngress"
+"""The deployment that routes a several-model application's requests to its models."""
+
+INGRESS_MAX_ONGOING_REQUESTS = 1024
+"""Requests one ingress replica holds at once: it only awaits the model deployments, whose own
+``max_ongoing_requests`` and Ray's queue in front of them do the limiting."""
 
 NEURON_CORES_RESOURCE = "neuron_cores"
 """The custom Ray resource Neuron worker nodes declare (the data-on-eks blueprint's name)."""
@@ -77,6 +93,15 @@ class ReplicaConfig:
 
     def engine_args(self) -> EngineArgs:
         return EngineArgs.from_options(self.model, self.engine, "replica engine options")
+
+    def served_name(self) -> str:
+        """The name clients see: ``model_id``, else the name ``kiln serve`` gives the model."""
+        if self.model_id:
+            return self.model_id
+        # NOTE: imported here: kiln.serving is heavier than this module's plain data.
+        from kiln.serving.models import default_name
+
+        return default_name(self.model)
 
     def to_args(self) -> dict[str, Any]:
         """Plain data for a Serve config's ``args`` (YAML/JSON-safe)."""
@@ -166,6 +191,63 @@ class ReplicaResources:
 
 
 @dataclass(frozen=True)
+class ModelDeployment:
+    """One model's deployment in a several-model application: what it serves, what each of its
+    replicas reserves, and how many run (the same options as :class:`RayServeConfig`'s own).
+
+    Args:
+        replica: what each replica serves (its ``model_id`` is what requests name).
+        resources: what each replica reserves.
+        num_replicas: fixed replica count (ignored when ``autoscaling`` is set).
+        autoscaling: replicas that follow the load instead of a fixed count.
+        max_ongoing_requests: requests Ray sends one replica at once.
+        health_check_period_s: how often Ray asks each replica whether its engine runs.
+        more_models: more models, each its own deployment, served beside ``replica``'s (the
+            default model, for requests that name none) behind one ingress deployment that
+            routes OpenAI requests by their ``model``.
+        ingress_replicas: replicas of that ingress deployment.
+        ingress_num_cpus: CPUs each ingress replica reserves (it only forwards requests).
+    """
+
+    replica: ReplicaConfig = field(default_factory=ReplicaConfig)
+    resources: ReplicaResources = field(default_factory=ReplicaResources)
+    num_replicas: int = 1
+    autoscaling: AutoscalingConfig | None = None
+    max_ongoing_requests: int = 32
+    health_check_period_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.autoscaling is None and self.num_replicas < 1:
+            raise ConfigError(f"num_replicas must be >= 1, got {self.num_replicas}")
+        if self.max_ongoing_requests < 1:
+            raise ConfigError("max_ongoing_requests must be >= 1")
+
+    @property
+    def name(self) -> str:
+        """The deployment's name: ``kiln-<model id>``, with what Ray's names cannot hold
+        (``#`` separates the parts of its actor names) replaced by ``-``."""
+        return model_deployment_name(self.replica.served_name())
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments of Ray Serve's ``Deployment.options``."""
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": self.resources.ray_actor_options(),
+            "health_check_period_s": self.health_check_period_s,
+        }
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = self.autoscaling.ray_options()
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
+def model_deployment_name(model_id: str) -> str:
+    """The deployment serving ``model_id`` in a several-model application."""
+    return "kiln-" + re.sub(r"[^A-Za-z0-9._-]", "-", model_id)
+
+
+@dataclass(frozen=True)
 class RayServeConfig:
     """One kiln application on Ray Serve.
 
@@ -181,6 +263,11 @@ class RayServeConfig:
         host: the Serve HTTP proxy's address.
         port: the Serve HTTP proxy's port.
         health_check_period_s: how often Ray asks each replica whether its engine runs.
+        more_models: more models, each its own deployment, served beside ``replica``'s (the
+            default model, for requests that name none) behind one ingress deployment that
+            routes OpenAI requests by their ``model``.
+        ingress_replicas: replicas of that ingress deployment.
+        ingress_num_cpus: CPUs each ingress replica reserves (it only forwards requests).
     """
 
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
@@ -193,30 +280,67 @@ class RayServeConfig:
     host: str = "0.0.0.0"
     port: int = 8000
     health_check_period_s: float = 10.0
+    more_models: tuple[ModelDeployment, ...] = ()
+    ingress_replicas: int = 1
+    ingress_num_cpus: float = 0.25
 
     def __post_init__(self) -> None:
-        if self.autoscaling is None and self.num_replicas < 1:
-            raise ConfigError(f"num_replicas must be >= 1, got {self.num_replicas}")
-        if self.max_ongoing_requests < 1:
-            raise ConfigError("max_ongoing_requests must be >= 1")
+        # The default model's deployment checks its own options (replicas, max_ongoing...).
+        deployments = self.model_deployments()
         if not self.route_prefix.startswith("/"):
             raise ConfigError(f"route_prefix must start with '/', got {self.route_prefix!r}")
+        if self.ingress_replicas < 1 or self.ingress_num_cpus < 0:
+            raise ConfigError("need ingress_replicas >= 1 and ingress_num_cpus >= 0")
+        ids = [d.replica.served_name() for d in deployments]
+        names = [d.name for d in deployments]
+        if len(set(ids)) != len(ids) or len(set(names)) != len(names):
+            raise ConfigError(f"each model needs its own model_id, got {ids}")
+
+    def model_deployments(self) -> list[ModelDeployment]:
+        """Each model's deployment, the default model's (``replica``'s) first."""
+        first = ModelDeployment(
+            replica=self.replica,
+            resources=self.resources,
+            num_replicas=self.num_replicas,
+            autoscaling=self.autoscaling,
+            max_ongoing_requests=self.max_ongoing_requests,
+            health_check_period_s=self.health_check_period_s,
+        )
+        return [first, *self.more_models]
 
     def deployment_options(self) -> dict[str, Any]:
-        """Keyword arguments of Ray Serve's ``Deployment.options``."""
-        options: dict[str, Any] = {
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "ray_actor_options": self.resources.ray_actor_options(),
-            "health_check_period_s": self.health_check_period_s,
+        """Keyword arguments of Ray Serve's ``Deployment.options`` (the default model's)."""
+        return self.model_deployments()[0].deployment_options()
+
+    def ingress_options(self) -> dict[str, Any]:
+        """``Deployment.options`` of a several-model application's ingress deployment."""
+        return {
+            "num_replicas": self.ingress_replicas,
+            "max_ongoing_requests": INGRESS_MAX_ONGOING_REQUESTS,
+            "ray_actor_options": {"num_cpus": self.ingress_num_cpus},
         }
-        if self.autoscaling is not None:
-            options["autoscaling_config"] = self.autoscaling.ray_options()
-        else:
-            options["num_replicas"] = self.num_replicas
-        return options
+
+    def models_args(self) -> dict[str, Any]:
+        """A several-model application's builder ``args``: every model's replica options,
+        each named (the ingress routes by these names, so none is left to a default)."""
+        replicas = [d.replica for d in self.model_deployments()]
+        named = [dataclasses.replace(r, model_id=r.served_name()) for r in replicas]
+        return {"models": [r.to_args() for r in named]}
 
     def serve_config(self) -> dict[str, Any]:
         """A ``serve run``/``serve deploy`` config (``ray.serve.schema.ServeDeploySchema``)."""
+        if self.more_models:
+            import_path = MODELS_BUILDER_IMPORT_PATH
+            args = self.models_args()
+            deployments = [{"name": INGRESS_DEPLOYMENT_NAME, **self.ingress_options()}]
+            deployments += [
+                {"name": d.name, **d.deployment_options()} for d in self.model_deployments()
+            ]
+        else:
+            # One model: no ingress, today's single deployment (its replicas serve every route).
+            import_path = BUILDER_IMPORT_PATH
+            args = self.replica.to_args()
+            deployments = [{"name": DEPLOYMENT_NAME, **self.deployment_options()}]
         return {
             "proxy_location": "EveryNode",
             "http_options": {"host": self.host, "port": self.port},
@@ -224,9 +348,9 @@ class RayServeConfig:
                 {
                     "name": self.app_name,
                     "route_prefix": self.route_prefix,
-                    "import_path": BUILDER_IMPORT_PATH,
-                    "args": self.replica.to_args(),
-                    "deployments": [{"name": DEPLOYMENT_NAME, **self.deployment_options()}],
+                    "import_path": import_path,
+                    "args": args,
+                    "deployments": deployments,
                 }
             ],
         }
