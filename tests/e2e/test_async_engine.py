@@ -14,7 +14,6 @@ import random
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -360,29 +359,39 @@ def test_back_pressure_bounded_queue(eos_dir: Path) -> None:
 def test_stop_fails_every_request_and_restarts(eos_dir: Path) -> None:
     engine = _llm(eos_dir).engine
     execute = engine.runner.execute
+    # NOTE: a step held open by the test, not a timed one: on a loaded machine a 0.2 s step
+    # could end before the test looked, and the stop with it.
+    armed, inside, release = threading.Event(), threading.Event(), threading.Event()
 
-    def slow_execute(scheduler_output: Any) -> Any:
-        time.sleep(0.2)  # a long step: stop() waits for it, and requests arrive meanwhile
+    def held_execute(scheduler_output: Any) -> Any:
+        if armed.is_set():
+            inside.set()
+            release.wait(30)  # a long step: stop() waits for it, and requests arrive meanwhile
         return execute(scheduler_output)
 
-    engine.runner.execute = slow_execute  # type: ignore[method-assign]
+    engine.runner.execute = held_execute  # type: ignore[method-assign]
     async_engine = _started(engine)
     short = SamplingParams.greedy_params(max_new_tokens=4)
 
     async def main() -> None:
+        loop = asyncio.get_running_loop()
         in_flight = async_engine.generate(STORY, LONG)
         await anext(in_flight)
+        armed.set()
+        assert await loop.run_in_executor(None, inside.wait, 30)
         stopper = threading.Thread(target=async_engine.stop)
         stopper.start()
-        await asyncio.sleep(0.02)  # stopping, while the loop thread finishes its step
+        await asyncio.sleep(0.02)  # stopping, while the loop thread is inside its step
         assert async_engine.is_running
         late = asyncio.create_task(anext(async_engine.generate(STORY, short)))
+        await asyncio.sleep(0.02)  # the late request is in before the step ends
+        release.set()
         # Neither the running request nor the one that raced the stop may be left hanging.
         with pytest.raises(EngineDeadError):
             await asyncio.wait_for(_collect(in_flight), 5.0)
         with pytest.raises(EngineDeadError):
             await asyncio.wait_for(late, 5.0)
-        await asyncio.get_running_loop().run_in_executor(None, stopper.join)
+        await loop.run_in_executor(None, stopper.join)
         assert not async_engine.is_running
         with pytest.raises(EngineDeadError):
             await anext(async_engine.generate(STORY, short))
