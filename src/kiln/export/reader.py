@@ -7,12 +7,15 @@ each reading only its own file into its shard (:meth:`Artifact.build_rank_model`
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 import kiln
 from kiln.config import ModelConfig
@@ -203,32 +206,102 @@ def _load_runtime_tensors(model: CausalLM, file: Path, device: torch.device) -> 
         for name in model.state_dict()
         if not name.endswith((".qcodes", ".qscales", ".qoffsets"))
     } | {f"{name}.qblocks" for name, layer in linears.items() if layer.bits}
-    try:
-        f = safe_open(str(file), framework="pt", device="cpu")
-    except (OSError, SafetensorError) as e:
-        raise ModelLoadError(f"{file}: cannot read ({e})") from None
-    with f:
-        names = set(f.keys())
-        if names != expected:
-            missing, extra = sorted(expected - names), sorted(names - expected)
+    tensors = map_safetensors(file)
+    names = set(tensors)
+    if names != expected:
+        missing, extra = sorted(expected - names), sorted(names - expected)
+        raise ModelLoadError(
+            f"{file}: does not match the model its config describes "
+            f"(missing: {missing[:5]}, unexpected: {extra[:5]})"
+        )
+    for name in sorted(names):
+        owner, _, attr = name.rpartition(".")
+        tensor = tensors[name].to(device)
+        if attr == "qblocks":
+            _set_qblocks(linears[owner], tensor, f"{file}: {name}")
+            continue
+        target = getattr(modules[owner], attr)
+        if target.shape != tensor.shape or target.dtype != tensor.dtype:
             raise ModelLoadError(
-                f"{file}: does not match the model its config describes "
-                f"(missing: {missing[:5]}, unexpected: {extra[:5]})"
+                f"{file}: {name} is {tensor.dtype} {tuple(tensor.shape)}, the model "
+                f"expects {target.dtype} {tuple(target.shape)}"
             )
-        for name in sorted(names):
-            owner, _, attr = name.rpartition(".")
-            tensor = f.get_tensor(name).to(device)
-            if attr == "qblocks":
-                _set_qblocks(linears[owner], tensor, f"{file}: {name}")
-                continue
-            target = getattr(modules[owner], attr)
-            if target.shape != tensor.shape or target.dtype != tensor.dtype:
-                raise ModelLoadError(
-                    f"{file}: {name} is {tensor.dtype} {tuple(tensor.shape)}, the model "
-                    f"expects {target.dtype} {tuple(target.shape)}"
-                )
-            # NOTE: take the read tensor's storage instead of copying into the allocated one.
-            target.data = tensor
+        # NOTE: take the read tensor's storage instead of copying into the allocated one.
+        target.data = tensor
+
+
+# safetensors' dtype names (its format spec) for the dtypes an artifact can hold.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def map_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors ``file``, by name, as a view of one memory map of it:
+    no byte is read or copied here, pages are read on first touch (the embedding's rows that
+    no prompt uses never are).
+
+    Why not ``safe_open``: its ``get_tensor`` copies each tensor out of its own map, which
+    was most of loading an artifact's tensors. The map is private (copy-on-write), so an
+    in-place op on a weight copies the touched pages instead of writing the file, and a view
+    behaves like any other tensor. Each tensor holds a reference to the map, which stays
+    mapped until the last of them is freed (it is never closed here: closing would leave
+    the tensors pointing at unmapped memory). A tensor whose offset is not a multiple of its
+    element size (the safetensors writer aligns them, so only a hand-made file) is copied.
+    kiln never rewrites an artifact's file in place (export and registry pulls stage a
+    directory and rename it), so a replaced or deleted artifact leaves the mapped bytes intact.
+    """
+    try:
+        with open(file, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
+        raise ModelLoadError(f"{file}: cannot read ({e})") from None
+    size = len(mapped)
+    header_size = int.from_bytes(mapped[:8], "little") if size >= 8 else 0
+    try:
+        if not 0 < header_size <= size - 8:
+            raise ValueError(f"header size {header_size} in a {size}-byte file")
+        header = json.loads(mapped[8 : 8 + header_size])
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError included
+        raise ModelLoadError(f"{file}: cannot read (not a safetensors file: {e})") from None
+    base = 8 + header_size
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            tensors[name] = _view_tensor(mapped, base, info)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelLoadError(f"{file}: {name}: malformed safetensors entry ({e})") from None
+    return tensors
+
+
+def _view_tensor(mapped: mmap.mmap, base: int, info: dict[str, Any]) -> torch.Tensor:
+    dtype = _SAFETENSORS_DTYPES[str(info["dtype"])]
+    shape = [int(n) for n in info["shape"]]
+    start, end = (int(n) for n in info["data_offsets"])
+    count = math.prod(shape)
+    itemsize = dtype.itemsize
+    if end - start != count * itemsize or not 0 <= start <= end <= len(mapped) - base:
+        raise ValueError(f"data_offsets {start}..{end} do not hold {count} x {dtype}")
+    if count == 0:  # frombuffer refuses an empty range
+        return torch.empty(shape, dtype=dtype)
+    offset = base + start
+    if offset % itemsize:
+        raw = torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=offset)
+        return raw.clone().view(dtype).view(shape)
+    return torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset).view(shape)
 
 
 def _set_qblocks(layer: Linear, blocks: torch.Tensor, where: str) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tokenizers
 import torch
 from safetensors.torch import save_file
 
@@ -226,7 +227,7 @@ def _write(
     }
     _write_json(directory / "config.json", config)
     _write_json(directory / "generation_config.json", checkpoint.generation_config)
-    checkpoint.tokenizer.save(str(directory / "tokenizer.json"))
+    _write_tokenizer(checkpoint.tokenizer, directory / "tokenizer.json")
     tokenizer_config = dict(checkpoint.tokenizer_config)
     template = tokenizer_config.get("chat_template")
     if isinstance(template, str):
@@ -237,6 +238,30 @@ def _write(
     # Every file, rank files included: the artifact's content id and a pull's checks cover them.
     write_files_manifest(directory)
     return manifest
+
+
+def _write_tokenizer(tokenizer: tokenizers.Tokenizer, path: Path) -> None:
+    """``tokenizer.json`` in the form that parses fastest, since parsing it was the largest
+    part of a warm start (SmolLM2, 2 cores: 0.14 s of ~0.27 s; the parse holds the GIL, so it
+    cannot overlap the weights' loading): compact, and a BPE's merges as ``"a b"`` strings
+    rather than ``["a", "b"]`` pairs (measured: ~15% less parsing). Both merge forms are read
+    by ``tokenizers`` into the same model; the string form cannot hold a token with a space,
+    so a tokenizer with one keeps its pairs."""
+    data = json.loads(tokenizer.to_str())
+    model = data.get("model") or {}
+    merges = model.get("merges")
+    if (
+        model.get("type") == "BPE"
+        and isinstance(merges, list)
+        and all(
+            isinstance(m, list)
+            and len(m) == 2
+            and all(isinstance(part, str) and part and " " not in part for part in m)
+            for m in merges
+        )
+    ):
+        model["merges"] = [f"{a} {b}" for a, b in merges]
+    path.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
 
 
 def _runtime_tensors(net: CausalLM) -> dict[str, torch.Tensor]:
