@@ -202,11 +202,6 @@ class ModelDeployment:
         autoscaling: replicas that follow the load instead of a fixed count.
         max_ongoing_requests: requests Ray sends one replica at once.
         health_check_period_s: how often Ray asks each replica whether its engine runs.
-        more_models: more models, each its own deployment, served beside ``replica``'s (the
-            default model, for requests that name none) behind one ingress deployment that
-            routes OpenAI requests by their ``model``.
-        ingress_replicas: replicas of that ingress deployment.
-        ingress_num_cpus: CPUs each ingress replica reserves (it only forwards requests).
     """
 
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)

@@ -14,7 +14,7 @@ import torch
 from kiln.config import ConfigError, ModelConfig
 from kiln.config.engine_args import EngineArgs
 from kiln.engine.engine import Engine
-from kiln.engine.executor import InProcessExecutor
+from kiln.engine.executor import Executor, InProcessExecutor
 from kiln.engine.kv_cache import allocate_kv_cache, num_kv_blocks
 from kiln.engine.multiproc_executor import MultiprocExecutor
 from kiln.engine.runner import ModelRunner
@@ -132,29 +132,20 @@ def build_engine(args: EngineArgs, *, progress: bool = False) -> LoadedEngine:
     cache_config = args.cache_config()
     num_blocks = num_kv_blocks(config, cache_config, dtype, device)
     kv_caches = allocate_kv_cache(config, num_blocks, args.block_size, dtype, device)
-    eos_token_ids = frozenset(config.eos_token_ids) | (
-        {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    )
+    eos_token_ids = _eos_token_ids(config, tokenizer)
     runner = ModelRunner(model, kv_caches, args.block_size, device, eos_token_ids)
-    engine = Engine(
-        InProcessExecutor(runner),
+    return _loaded_engine(
+        args,
+        checkpoint,
+        config,
         tokenizer,
-        args.scheduler_config(),
-        num_blocks,
+        device,
+        dtype,
         max_model_len,
+        artifact,
+        InProcessExecutor(runner),
+        num_blocks,
         eos_token_ids,
-        enable_prefix_caching=args.enable_prefix_caching,
-        exported_sequence_length=artifact.manifest.sequence_length if artifact else None,
-    )
-    return LoadedEngine(
-        args=args,
-        checkpoint=checkpoint,
-        config=config,
-        tokenizer=tokenizer,
-        device=device,
-        dtype=dtype,
-        max_model_len=max_model_len,
-        engine=engine,
     )
 
 
@@ -170,9 +161,7 @@ def _build_tensor_parallel(
 ) -> LoadedEngine:
     """An engine over ``args.tp`` worker processes, each loading its own shard: its part of
     the checkpoint, or its pre-sharded file of an artifact exported for ``args.tp`` ranks."""
-    eos_token_ids = frozenset(config.eos_token_ids) | (
-        {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    )
+    eos_token_ids = _eos_token_ids(config, tokenizer)
     executor = MultiprocExecutor(
         args,
         str(artifact.path if artifact is not None else checkpoint.path),
@@ -183,11 +172,47 @@ def _build_tensor_parallel(
         eos_token_ids,
         from_artifact=artifact is not None,
     )
+    return _loaded_engine(
+        args,
+        checkpoint,
+        config,
+        tokenizer,
+        executor.device,
+        dtype,
+        max_model_len,
+        artifact,
+        executor,
+        executor.num_blocks,
+        eos_token_ids,
+    )
+
+
+def _eos_token_ids(config: ModelConfig, tokenizer: Tokenizer) -> frozenset[int]:
+    """What ends a request: the config's EOS ids and the tokenizer's."""
+    return frozenset(config.eos_token_ids) | (
+        {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    )
+
+
+def _loaded_engine(
+    args: EngineArgs,
+    checkpoint: Checkpoint,
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_model_len: int,
+    artifact: Artifact | None,
+    executor: Executor,
+    num_blocks: int,
+    eos_token_ids: frozenset[int],
+) -> LoadedEngine:
+    """The engine over ``executor`` (in process or tensor-parallel) and what was loaded."""
     engine = Engine(
         executor,
         tokenizer,
         args.scheduler_config(),
-        executor.num_blocks,
+        num_blocks,
         max_model_len,
         eos_token_ids,
         enable_prefix_caching=args.enable_prefix_caching,
@@ -198,7 +223,7 @@ def _build_tensor_parallel(
         checkpoint=checkpoint,
         config=config,
         tokenizer=tokenizer,
-        device=executor.device,
+        device=device,
         dtype=dtype,
         max_model_len=max_model_len,
         engine=engine,
