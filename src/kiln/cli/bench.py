@@ -209,3 +209,85 @@ def bench_quality(
             f"({change:+.2f}% vs the first)"
         )
     return 0
+
+
+def bench_finetune(
+    model: str | None = None,
+    data: str | None = None,
+    sequence_length: int = 256,
+    batch_size: int = 2,
+    grad_accum: int = 1,
+    steps: int = 20,
+    warmup: int = 3,
+    lr: float = 2e-4,
+    threads: int = 2,
+    records: int | None = None,
+    skip_trl: bool = False,
+    json: bool = False,
+) -> int:
+    """LoRA fine-tuning tokens/s and peak memory of kiln vs TRL's SFTTrainer on the CPU.
+
+    Same float32 weights (a GGUF is dequantized by kiln and written as a Hugging Face directory
+    both load), same Dolly token ids and loss mask, sequence length, batch size, gradient
+    accumulation, LoRA (r 16, alpha 32, dropout 0.05 on q,k,v,o,gate,up,down), learning-rate
+    schedule and torch threads, packing on both (TRL: its "bfd" padding-free packing). Each side
+    trains in its own subprocess (its peak RSS is its own), the two taking one step each in turn
+    so that load from elsewhere slows both alike; tokens/s counts the non-padding tokens of the
+    steps after the warm-up ones over their time. Prints a table with the kiln/TRL ratios. The
+    TRL side needs the bench-train extra (trl, peft, datasets).
+
+    Args:
+        model: local directory, .gguf file or hub id (default: SmolLM2-135M-Instruct).
+        data: a databricks-dolly-15k JSONL file or a directory of them (default:
+            ../shared/data/dolly).
+        sequence_length: tokens per packed training sequence.
+        batch_size: sequences per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        steps: timed optimizer steps per side.
+        warmup: optimizer steps run first and left out of the timing.
+        lr: peak learning rate (AdamW; warmup then cosine, as kiln finetune does).
+        threads: CPU threads for torch on both sides.
+        records: train on the first N records only (default: all).
+        skip_trl: measure kiln only.
+        json: print the report as JSON instead of a table.
+    """
+    import json as json_module
+    from pathlib import Path
+
+    from kiln.bench.finetune import KILN, SIDES, run
+    from kiln.errors import ConfigError
+
+    counts = {
+        "sequence-length": sequence_length,
+        "batch-size": batch_size,
+        "grad-accum": grad_accum,
+        "steps": steps,
+        "threads": threads,
+    }
+    for name, value in counts.items():
+        if value < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {value}")
+    if warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {warmup}")
+    path = Path(data) if data else Path("..") / "shared" / "data" / "dolly"
+    if not path.exists():
+        raise ConfigError(f"--data {path}: no such file or directory")
+    report = run(
+        model,
+        path,
+        sequence_length=sequence_length,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        steps=steps,
+        warmup=warmup,
+        lr=lr,
+        threads=threads,
+        records=records,
+        sides=(KILN,) if skip_trl else SIDES,
+    )
+    if json:
+        print(json_module.dumps(report.to_dict(), indent=2))
+    else:
+        print()
+        print(report.format_table())
+    return 0

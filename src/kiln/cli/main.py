@@ -8,7 +8,13 @@ import os
 import sys
 
 from kiln.cli.args import add_command, call_command
-from kiln.cli.bench import bench_cpu, bench_generate, bench_offline, bench_quality
+from kiln.cli.bench import (
+    bench_cpu,
+    bench_finetune,
+    bench_generate,
+    bench_offline,
+    bench_quality,
+)
 from kiln.cli.chat import chat
 from kiln.cli.deploy import add_deploy_commands
 from kiln.cli.export import add_export_commands
@@ -36,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(benches, bench_offline, "offline")
     add_command(benches, bench_cpu, "cpu")
     add_command(benches, bench_quality, "quality")
+    add_command(benches, bench_finetune, "finetune")
     add_loadtest_commands(benches)  # serve, compare, locustfile
     add_export_commands(commands, benches)  # export, push, pull, models ls, bench start
     add_deploy_commands(commands)  # deploy ray, deploy k8s

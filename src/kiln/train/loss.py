@@ -39,8 +39,10 @@ def loss_sum(model: CausalLM, batch: Batch, bf16: bool = False) -> torch.Tensor:
     the whole optimizer step, so gradient accumulation weights every token equally).
 
     NOTE: logits only for labelled rows: prompts and padding need none, and the head's
-    ``[T, vocab]`` output is the largest activation of a small model.
+    ``[T, vocab]`` output is the largest activation of a small model. Padding is not run at
+    all (:meth:`Batch.without_padding`).
     """
+    batch = batch.without_padding()
     keep = batch.labels != IGNORE_INDEX
     with autocast(batch.input_ids.device.type, bf16):
         hidden = packed_hidden(model, batch)

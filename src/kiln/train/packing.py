@@ -10,6 +10,7 @@ labels are ignored.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,26 @@ class Batch:
     positions: torch.Tensor  # [T] int64
     seq_lens: list[int]
     num_pad: int = 0
+    pad_segments: tuple[int, ...] = ()
+    """Indices into ``seq_lens`` of the padding segments."""
+
+    def without_padding(self) -> Batch:
+        """The same batch with its padding segments left out: each is a block of its own whose
+        labels are ignored, so no other token sees it and the loss does not change, but the
+        model would spend a whole forward and backward on it."""
+        if not self.pad_segments:
+            return self
+        keep = torch.ones(len(self.input_ids), dtype=torch.bool, device=self.input_ids.device)
+        starts = [0, *itertools.accumulate(self.seq_lens)]
+        for index in self.pad_segments:
+            keep[starts[index] : starts[index + 1]] = False
+        dropped = set(self.pad_segments)
+        return Batch(
+            input_ids=self.input_ids[keep],
+            labels=self.labels[keep],
+            positions=self.positions[keep],
+            seq_lens=[n for i, n in enumerate(self.seq_lens) if i not in dropped],
+        )
 
     @property
     def num_real_tokens(self) -> int:
@@ -107,10 +128,17 @@ def _build(samples: list[Example], sequence_length: int, pad_id: int) -> PackedS
 
 def collate(sequences: Sequence[PackedSequence]) -> Batch:
     """One flat batch of ``len(sequences) * sequence_length`` tokens."""
+    pad_segments = []
+    seen = 0
+    for s in sequences:
+        seen += len(s.seq_lens)
+        if s.num_pad:
+            pad_segments.append(seen - 1)  # a sequence's padding is its last segment
     return Batch(
         input_ids=torch.tensor([t for s in sequences for t in s.token_ids], dtype=torch.long),
         labels=torch.tensor([t for s in sequences for t in s.labels], dtype=torch.long),
         positions=torch.tensor([p for s in sequences for p in s.positions], dtype=torch.long),
         seq_lens=[n for s in sequences for n in s.seq_lens],
         num_pad=sum(s.num_pad for s in sequences),
+        pad_segments=tuple(pad_segments),
     )
