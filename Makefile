@@ -68,8 +68,8 @@ bench-cpu: install
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install -q $(LLAMA_CPP_PYTHON)
 	$(BIN)/kiln bench cpu
 
-# kiln vs TRL's SFTTrainer: LoRA fine-tuning tokens/s and peak memory on the CPU (about 15
-# minutes on 2 cores). The test extra is named again so that its transformers pin holds.
+# kiln vs TRL's SFTTrainer: LoRA fine-tuning tokens/s and peak memory on the CPU (2-3 minutes
+# on 2 idle cores). The test extra is named again so that its transformers pin holds.
 bench-finetune: install
 	$(BIN)/python -c "import trl, peft, datasets" 2>/dev/null || $(BIN)/pip install -q -e ".[test,bench-train]"
 	$(BIN)/kiln bench finetune

@@ -85,9 +85,9 @@ class LoRALinear(nn.Module):
         a, b = self.stacked()
         # Two thin matmuls (x A^T, then B), never the full [out, in] product, for every adapted
         # projection at once: the second one adds the scaled update to the base output in the
-        # same op. NOTE: per projection (a matmul pair, a scaling, an add, then a concat of the
-        # row blocks) the elementwise passes over [T, out] and their backward cost about as
-        # much as the thin matmuls themselves (SmolLM2-135M training step, 2 cores).
+        # same op. NOTE: done per projection (a matmul pair, a scaling, an add, then a concat of
+        # the row blocks), a forward + backward of SmolLM2-135M's four adapted layers at 512
+        # tokens took ~1.35x as long (2 cores, base matmuls included).
         h = F.linear(self.dropout(x), a)  # [..., n * r]
         flat = torch.addmm(
             out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling
