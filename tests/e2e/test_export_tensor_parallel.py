@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
 from safetensors import safe_open
+from test_tensor_parallel import CONFIGS as TP_CONFIGS
+from test_tensor_parallel import VOCAB, _prompts, _save_checkpoint
 
 from kiln import LLM, SamplingParams
 from kiln.cli.main import main
@@ -30,43 +30,9 @@ from kiln.parallel.group import TensorParallelGroup
 from kiln.plan import Workload, local_cpu, make_plan, memory_per_rank
 from tp_probes import packed_logits
 
-STORIES = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260K"
-VOCAB = 512  # the stories260K tokenizer's
-LLAMA_LIKE = dict(
-    vocab_size=VOCAB,
-    num_hidden_layers=2,
-    max_position_embeddings=256,
-    hidden_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
-CONFIGS = {
-    # 97: the MLP splits 49 + 48 over two ranks.
-    "llama-gqa": transformers.LlamaConfig(**LLAMA_LIKE, intermediate_size=97),
-    "qwen2": transformers.Qwen2Config(**LLAMA_LIKE, intermediate_size=96, tie_word_embeddings=True),
-}
+CONFIGS = {name: TP_CONFIGS[name] for name in ("llama-gqa", "qwen2")}
 OPTIONS = dict(device="cpu", kv_cache_memory=8 << 20, max_num_batched_tokens=24)
 EXPORT = ["--batch-size", "4", "--sequence-length", "128", "--dtype", "fp32"]
-PROMPT_LENGTHS = (5, 40, 13, 2)
-
-
-def _save_checkpoint(hf_config: transformers.PretrainedConfig, path: Path) -> Path:
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config)
-    with torch.no_grad():
-        # NOTE: wider than the default init so logits are peaked and greedy ties cannot flip.
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.25)
-    model.save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(STORIES / name, path / name)
-    return path
-
-
-def _prompts() -> list[list[int]]:
-    gen = torch.Generator().manual_seed(1)
-    return [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
 
 
 def _export(source: Path, output: Path, *extra: str) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from kiln import LLM
@@ -69,7 +70,6 @@ def test_adapter_without_merging_equals_merged(stories_dir: Path, tuned: Path) -
 
 
 def test_transformers_loads_the_merged_model(tuned: Path) -> None:
-    transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tuned), torch_dtype=torch.float32)
     kiln = LLM(str(tuned), dtype="float32", kv_cache_memory=16 << 20)
     token_ids = kiln.tokenizer.encode(PROMPT)
