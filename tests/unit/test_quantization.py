@@ -75,10 +75,23 @@ def test_quantized_linear_matches_a_float_matmul_over_its_dequantized_weight(ker
     out = layer(x)
     assert out.shape == (rows, 96) and out.dtype == torch.float32
     error = ((out - expected).norm() / expected.norm()).item()
-    # Up to 31 rows, integer dot products over activations quantized to int16 per group of 32
-    # (~1e-5 relative); from 32, a float matmul over the dequantized weight.
+    # Up to 4 rows, integer dot products over activations quantized to int16 per group of 32
+    # (~1e-5 relative); 5-31 rows, each block dequantized into float registers; from 32, a
+    # float matmul over the dequantized weight.
     assert error < 2e-4
     assert torch.equal(layer.dense_weight(), quantize(weight, bits).dequantize())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_row_gets_the_same_bits_alone_and_in_a_small_batch(kernels, bits):
+    """Up to 4 rows multiply on integers row by row: a decode's result must not depend on
+    which other sequences share its step (batch invariance), down to the last bit."""
+    torch.manual_seed(bits)
+    layer = _quantized_layer(kernels, torch.randn(96, 288), bits, torch.randn(96))
+    x = torch.randn(4, 288)
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(4)])
+    for rows in (2, 3, 4):
+        assert torch.equal(layer(x[:rows]), alone[:rows])
 
 
 def test_quantized_linear_keeps_the_activation_dtype(kernels):

@@ -92,7 +92,7 @@ class Sampler:
         # NOTE: the hot decode path. A batch of greedy requests that change nothing is one
         # argmax and one host sync; the only per-row work is reading a precomputed flag.
         if all(row.params.is_plain_greedy for row in rows):
-            token_ids: list[int] = logits.argmax(dim=-1).tolist()
+            token_ids = _argmax_rows(logits)
             return SamplerOutput(token_ids=token_ids, top_logprobs=[[] for _ in rows])
 
         penalized = self._penalize(logits, rows, penalties)  # [B, V]
@@ -296,3 +296,12 @@ def _apply_to_rows(
         return fn(x)
     index = torch.tensor(row_ids, device=x.device)
     return x.index_copy(0, index, fn(x.index_select(0, index)))
+
+
+def _argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Each row's first largest index, as ``argmax(dim=-1)``. On the CPU through numpy: for one
+    row of SmolLM2's 49,152 logits it took 4.6 us against torch's 44.5 us (torch starts its
+    thread pool for it; measured here, 2 threads, 2,000 calls each)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return logits.numpy().argmax(axis=-1).tolist()
+    return logits.argmax(dim=-1).tolist()

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,6 +64,8 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """Layout for sequences that already have ``num_computed_tokens`` cached and bring
         ``num_new_tokens`` in this step (a prefill chunk, or 1 for a decode)."""
+        if torch.device(device).type == "cpu" and all(n == 1 for n in num_new_tokens):
+            return cls._decode_on_cpu(num_computed_tokens, block_tables, block_size, sliding_window)
         slot_chunks: list[torch.Tensor] = []
         sequences: list[SequenceAttention] = []
         query_start = 0
@@ -102,6 +105,52 @@ class AttentionMetadata:
             lengths = torch.tensor([0] + [s.context_len for s in sequences], device=device)
             metadata.decode_starts = lengths.cumsum(0)
         return metadata
+
+    @classmethod
+    def _decode_on_cpu(
+        cls,
+        num_computed_tokens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_size: int,
+        sliding_window: int | None,
+    ) -> AttentionMetadata:
+        """:meth:`build` for a decode step (one new token per sequence) on the CPU, where it
+        runs once per generated token: the slots are computed with numpy and become three
+        tensors, as a handful of small torch ops per sequence cost more than the arithmetic."""
+        pieces: list[np.ndarray] = []
+        contiguous: list[bool] = []
+        for computed, table in zip(num_computed_tokens, block_tables, strict=True):
+            context_len = computed + 1
+            num_blocks = -(-context_len // block_size)
+            if num_blocks > len(table):
+                raise ValueError(f"block table has {len(table)} blocks, context needs {num_blocks}")
+            first = table[0]
+            in_order = all(b == first + i for i, b in enumerate(table[:num_blocks]))
+            if in_order:
+                pieces.append(np.arange(first * block_size, first * block_size + context_len))
+            else:
+                blocks = np.asarray(table[:num_blocks], dtype=np.int64)[:, None] * block_size
+                pieces.append((blocks + np.arange(block_size)).reshape(-1)[:context_len])
+            contiguous.append(in_order)
+        starts = np.zeros(len(pieces) + 1, dtype=np.int64)
+        np.cumsum([len(piece) for piece in pieces], out=starts[1:])
+        slots = np.concatenate(pieces).astype(np.int64, copy=False)
+        decode_slots = torch.from_numpy(slots)
+        sequences = []
+        for i, (computed, in_order) in enumerate(zip(num_computed_tokens, contiguous, strict=True)):
+            lo, hi = int(starts[i]), int(starts[i + 1])
+            kv_slots = (
+                slice(int(slots[lo]), int(slots[lo]) + hi - lo) if in_order else decode_slots[lo:hi]
+            )
+            mask, _ = _mask(computed, 1, sliding_window, "cpu")
+            sequences.append(SequenceAttention(i, 1, hi - lo, kv_slots, mask, False))
+        return cls(
+            slot_mapping=torch.from_numpy(slots[starts[1:] - 1]),  # each sequence's new token
+            sequences=sequences,
+            sliding_window=sliding_window,
+            decode_slots=decode_slots,
+            decode_starts=torch.from_numpy(starts),
+        )
 
     @classmethod
     def packed(
