@@ -187,3 +187,19 @@ def test_a_failed_kernel_build_keeps_weights_float_and_says_why(
     assert len(answer[0].token_ids) == 4
     assert "could not build kiln's CPU kernels" in caplog.text
     assert not list((tmp_path / "kernels").glob("*.so"))
+
+
+@pytest.mark.parametrize("width", [1536, 13])  # whole vectors of 8, and a tail
+def test_silu_mul_matches_torch_to_float_precision(kernels, width):
+    torch.manual_seed(width)
+    gate_up = torch.cat([torch.randn(7, 2 * width) * 6, torch.full((1, 2 * width), -50.0)])
+    gate_up[0, :2] = torch.tensor([0.0, 80.0])
+    out = kernels.silu_mul(gate_up)
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    assert out.shape == (8, width)
+    assert ((out.double() - expected).abs() <= 4e-7 * expected.abs() + 1e-30).all()
+    # the same element gets the same bits in a full vector and in the padded tail
+    assert torch.equal(
+        kernels.silu_mul(gate_up[:, list(range(5)) + list(range(width, width + 5))]), out[:, :5]
+    )

@@ -485,19 +485,9 @@ static void run_dequantize(void *arg, int tid, int n) {
     int64_t lo, hi;
     share(j->blocks, tid, n, &lo, &hi);
     for (int64_t i = lo; i < hi; i++) {
-        float *o = j->out + i * GROUP;
-        if (j->bits == 4) {
-            const block_int4 *b = (const block_int4 *)j->w + i;
-            const float d = half_to_float(b->d), m = half_to_float(b->m);
-            for (int k = 0; k < GROUP / 2; k++) {
-                o[k] = d * (float)(b->qs[k] & 0x0F) + m;
-                o[k + GROUP / 2] = d * (float)(b->qs[k] >> 4) + m;
-            }
-        } else {
-            const block_int8 *b = (const block_int8 *)j->w + i;
-            const float d = half_to_float(b->d);
-            for (int k = 0; k < GROUP; k++) o[k] = d * (float)b->qs[k];
-        }
+        __m256 wv[4];
+        block_weights(j->bits, j->w, i, wv);
+        for (int k = 0; k < 4; k++) _mm256_storeu_ps(j->out + i * GROUP + 8 * k, wv[k]);
     }
 }
 
@@ -669,16 +659,51 @@ void kiln_rope_and_cache(float *qkv, int64_t T, int64_t H, int64_t KV, int64_t D
                              slots[t], cache, num_slots);
 }
 
-static inline float silu_times(float gate, float up) { return gate / (1.0f + expf(-gate)) * up; }
+/* e^x for 8 floats, within ~2 ulp of expf: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes'
+ * degree-6 polynomial, 2^n put in the exponent bits. Inputs are clamped to where the result
+ * is a normal float; a NaN stays NaN where the caller divides by it (silu below). glibc's
+ * vector expf needs -ffast-math, which would also let the compiler reorder every sum here. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i bits = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+/* out[i] = silu(gate[i]) * up[i] = gate / (1 + e^-gate) * up for i < count: 8 at a time, the
+ * tail through a padded copy, so that every element gets the same arithmetic wherever it is. */
+static void silu_times(const float *gate, const float *up, int64_t count, float *out) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp8(_mm256_xor_ps(g, sign));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)),
+                                                _mm256_loadu_ps(up + i)));
+    }
+    if (i < count) {
+        float g8[8] = {0}, u8[8] = {0}, o8[8];
+        for (int64_t k = 0; k < count - i; k++) g8[k] = gate[i + k], u8[k] = up[i + k];
+        silu_times(g8, u8, 8, o8);
+        for (int64_t k = 0; k < count - i; k++) out[i + k] = o8[k];
+    }
+}
 
 /* out [T][I] = silu(gate) * up, where gate_up [T][2 I] holds gate then up (Llama's MLP). */
 void kiln_silu_mul(const float *gate_up, int64_t T, int64_t I, float *out) {
-    for (int64_t t = 0; t < T; t++) {
-        const float *g = gate_up + t * 2 * I, *u = g + I;
-        float *o = out + t * I;
-#pragma omp simd
-        for (int64_t i = 0; i < I; i++) o[i] = silu_times(g[i], u[i]);
-    }
+    for (int64_t t = 0; t < T; t++)
+        silu_times(gate_up + t * 2 * I, gate_up + t * 2 * I + I, I, out + t * I);
 }
 
 /* ---- a whole decode step of a Llama model, in one call -----------------------------------
@@ -786,7 +811,7 @@ static void run_llama_decode(void *arg, int tid, int n) {
         }
         for (int64_t b = 0; b < B; b++) {
             const float *g = j->gate_up_out + b * 2 * I, *u = g + I;
-            for (int64_t i = i_lo; i < i_hi; i++) j->act[b * I + i] = silu_times(g[i], u[i]);
+            silu_times(g + i_lo, u + i_lo, i_hi - i_lo, j->act + b * I + i_lo);
         }
         barrier_wait(&j->barrier, n);
 
