@@ -98,3 +98,36 @@ def test_a_forked_child_starts_its_own_pool(kernels):
         pytest.fail("the forked child hung in the kernels")
     assert child.exitcode == 0
     assert queue.get(timeout=5) < 2e-4
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "window"),
+    [(9, 3, 64, 0), (4, 4, 72, 0), (8, 2, 128, 5), (6, 1, 16, 0)],
+)
+def test_decode_attention_matches_softmax_attention_over_each_sequence(
+    kernels, heads, kv_heads, head_dim, window
+):
+    """One query per sequence against its own scattered cache slots, grouped-query heads, an
+    optional sliding window: the kernel against softmax(q k^T * scale) v in float64."""
+    torch.manual_seed(head_dim)
+    lengths = [1, 7, 37, 100]
+    num_slots = sum(lengths) + 11
+    cache = torch.randn(2, num_slots, kv_heads, head_dim)
+    order = torch.randperm(num_slots)
+    slots = order[: sum(lengths)]
+    starts = torch.tensor([0, *lengths]).cumsum(0)
+    q = torch.randn(len(lengths), heads, head_dim)
+    scale = head_dim**-0.5
+    out = kernels.decode_attention(q, cache, slots, starts, scale, window)
+    group = heads // kv_heads
+    for b in range(len(lengths)):
+        seq = (
+            slots[starts[b] : starts[b + 1]][-window:]
+            if window
+            else slots[starts[b] : starts[b + 1]]
+        )
+        keys, values = cache[0, seq].double(), cache[1, seq].double()  # [len, kv, D]
+        for h in range(heads):
+            weights = torch.softmax(keys[:, h // group] @ q[b, h].double() * scale, dim=0)
+            expected = weights @ values[:, h // group]
+            torch.testing.assert_close(out[b, h].double(), expected, rtol=1e-5, atol=1e-5)

@@ -532,17 +532,82 @@ static int64_t longest_context(const int64_t *starts, int64_t B) {
     return longest;
 }
 
+/* e^x for 8 floats, within ~2 ulp of expf: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes'
+ * degree-6 polynomial, 2^n put in the exponent bits. Inputs are clamped to where the result
+ * is a normal float; a NaN stays NaN where the caller divides by it (silu below). glibc's
+ * vector expf needs -ffast-math, which would also let the compiler reorder every sum here. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i bits = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+/* Scratch floats one thread's attention_part needs: every query head of a key/value head's
+ * group scores the whole context, in rows padded to whole vectors; rounded up to whole cache
+ * lines, so that two threads' scratch never share one. */
+static int64_t attention_scratch(int64_t longest, int64_t H, int64_t KV) {
+    return ((H / KV) * (longest + 8) + 15) & ~(int64_t)15;
+}
+
+/* a . b over n floats (n a multiple of 8). */
+static inline float dot8(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    if (i < n) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    return hsum(_mm256_add_ps(s0, s1));
+}
+
+/* row[0..len) = e^(row - max) in place (len padded with -inf up to whole vectors); returns
+ * their sum. */
+static float softmax_numerators(float *row, int64_t len) {
+    const int64_t padded = (len + 7) & ~(int64_t)7;
+    for (int64_t t = len; t < padded; t++) row[t] = -INFINITY;
+    __m256 top = _mm256_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < padded; t += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(row + t));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const __m256 best = _mm256_set1_ps(_mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))));
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t t = 0; t < padded; t += 8) {
+        /* exp8 clamps -inf to a tiny normal number: the padding is zeroed explicitly */
+        const __m256 x = _mm256_loadu_ps(row + t);
+        const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(x, best)),
+                                       _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ));
+        _mm256_storeu_ps(row + t, e);
+        total = _mm256_add_ps(total, e);
+    }
+    return hsum(total);
+}
+
 /* One query token per sequence against its cached keys and values (a decode step), for a batch
- * of sequences; each (sequence, head) pair is one item, handed out in order from *next so
- * long and short contexts balance across threads.
+ * of sequences. Each (sequence, key/value head) pair is one item, handed out in order from
+ * *next so long and short contexts balance across threads; the H / KV query heads that share
+ * the key/value head (grouped-query attention) are done together, so each cached key and value
+ * row is read once for all of them.
  *   q        [B][H][D] at a stride of q_stride floats per sequence: this step's queries
  *   cache    [2][slots][KV][D]      the layer's paged cache (keys, then values)
  *   slots    [total context] int64  each sequence's cache slots in order, concatenated
  *   starts   [B + 1] int64          sequence b's slots are slots[starts[b] .. starts[b+1])
  *   window   attend to the last `window` tokens only (0: all)
  *   out      [B][H][D]
- *   scores   [longest context] this thread's scratch
- * Heads share key/value heads in groups of H / KV (grouped-query attention). */
+ *   scores   attention_scratch(longest context, H, KV) floats: this thread's scratch
+ * D must be a multiple of 8 (every Llama-family head size is). */
 static void attention_part(const float *q, int64_t q_stride, const float *cache,
                            int64_t num_slots, const int64_t *slots, const int64_t *starts,
                            int64_t B, int64_t H, int64_t KV, int64_t D, float scale,
@@ -551,33 +616,35 @@ static void attention_part(const float *q, int64_t q_stride, const float *cache,
     const int64_t group = H / KV;
     for (;;) {
         const int64_t item = atomic_fetch_add_explicit(next, 1, memory_order_relaxed);
-        if (item >= B * H) break;
-        const int64_t b = item / H, h = item % H;
+        if (item >= B * KV) break;
+        const int64_t b = item / KV, kvh = item % KV;
         int64_t first = starts[b], len = starts[b + 1] - starts[b];
         if (window > 0 && len > window) first += len - window, len = window;
-        const int64_t kvh = h / group;
-        const float *qh = q + b * q_stride + h * D;
-        float best = -INFINITY;
+        const int64_t stride = len + 8; /* one padded row of scores per query head */
+        const float *qh = q + b * q_stride + kvh * group * D;
         for (int64_t t = 0; t < len; t++) {
             const float *k = cache + (slots[first + t] * KV + kvh) * D;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < D; i++) dot += qh[i] * k[i];
-            scores[t] = dot * scale;
-            if (scores[t] > best) best = scores[t];
+            for (int64_t g = 0; g < group; g++)
+                scores[g * stride + t] = dot8(qh + g * D, k, D) * scale;
         }
-        float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t t = 0; t < len; t++) {
-            scores[t] = expf(scores[t] - best);
-            total += scores[t];
-        }
-        float *o = out + (b * H + h) * D;
-        for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
-        for (int64_t t = 0; t < len; t++) {
-            const float p = scores[t] / total;
-            const float *v = values + (slots[first + t] * KV + kvh) * D;
-            for (int64_t i = 0; i < D; i++) o[i] += p * v[i];
+        for (int64_t g = 0; g < group; g++) {
+            float *row = scores + g * stride;
+            const float inv = 1.0f / softmax_numerators(row, len);
+            float *o = out + (b * H + kvh * group + g) * D;
+            /* 64 output dims at a time in registers, over every cached value row */
+            for (int64_t d0 = 0; d0 < D; d0 += 64) {
+                const int64_t width = D - d0 < 64 ? D - d0 : 64;
+                __m256 acc[8];
+                for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+                for (int64_t t = 0; t < len; t++) {
+                    const __m256 p = _mm256_set1_ps(row[t]);
+                    const float *v = values + (slots[first + t] * KV + kvh) * D + d0;
+                    for (int i = 0; i < width / 8; i++)
+                        acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * i), acc[i]);
+                }
+                for (int i = 0; i < width / 8; i++)
+                    _mm256_storeu_ps(o + d0 + 8 * i, _mm256_mul_ps(acc[i], _mm256_set1_ps(inv)));
+            }
         }
     }
 }
@@ -590,7 +657,7 @@ typedef struct {
     float scale;
     int64_t window;
     float *out, *scores;
-    int64_t longest;
+    int64_t scores_each; /* floats of scores per thread */
     atomic_llong next;
 } attention_job;
 
@@ -598,7 +665,7 @@ static void run_attention(void *arg, int tid, int n) {
     attention_job *j = arg;
     (void)n;
     attention_part(j->q, j->H * j->D, j->cache, j->num_slots, j->slots, j->starts, j->B, j->H,
-                   j->KV, j->D, j->scale, j->window, j->out, j->scores + tid * j->longest,
+                   j->KV, j->D, j->scale, j->window, j->out, j->scores + tid * j->scores_each,
                    &j->next);
 }
 
@@ -607,9 +674,9 @@ int kiln_decode_attention(const float *q, const float *cache, int64_t num_slots,
                           int64_t KV, int64_t D, float scale, int64_t window, float *out,
                           int threads) {
     if (threads < 1) threads = 1;
-    const int64_t longest = longest_context(starts, B);
+    const int64_t scratch = attention_scratch(longest_context(starts, B), H, KV);
     attention_job job = {q, cache, num_slots, slots, starts, B, H, KV, D, scale, window, out,
-                         malloc(sizeof(float) * (size_t)(longest * threads)), longest};
+                         malloc(sizeof(float) * (size_t)(scratch * threads)), scratch};
     if (!job.scores) return -1;
     atomic_init(&job.next, 0);
     pool_run(run_attention, &job, threads);
@@ -657,28 +724,6 @@ void kiln_rope_and_cache(float *qkv, int64_t T, int64_t H, int64_t KV, int64_t D
     for (int64_t t = 0; t < T; t++)
         rope_and_cache_heads(qkv + t * width, 0, H + 2 * KV, H, KV, D, cos + t * D, sin + t * D,
                              slots[t], cache, num_slots);
-}
-
-/* e^x for 8 floats, within ~2 ulp of expf: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes'
- * degree-6 polynomial, 2^n put in the exponent bits. Inputs are clamped to where the result
- * is a normal float; a NaN stays NaN where the caller divides by it (silu below). glibc's
- * vector expf needs -ffast-math, which would also let the compiler reorder every sum here. */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i bits = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
 /* out[i] = silu(gate[i]) * up[i] = gate / (1 + e^-gate) * up for i < count: 8 at a time, the
@@ -737,7 +782,7 @@ typedef struct {
     int64_t num_slots;
     const int64_t *slots, *starts;
     float scale;
-    int64_t window, longest;
+    int64_t window, scores_each; /* floats of own_scores per thread */
     /* shared between the threads */
     float *qkv_out, *attn, *gate_up_out, *act;
     atomic_llong *attention_next; /* [num_layers] */
@@ -785,7 +830,7 @@ static void run_llama_decode(void *arg, int tid, int n) {
         barrier_wait(&j->barrier, n);
 
         attention_part(j->qkv_out, width, layer->cache, j->num_slots, j->slots, j->starts, B, H,
-                       KV, D, j->scale, j->window, j->attn, j->own_scores + tid * j->longest,
+                       KV, D, j->scale, j->window, j->attn, j->own_scores + tid * j->scores_each,
                        j->attention_next + l);
         barrier_wait(&j->barrier, n);
 
@@ -834,7 +879,7 @@ int kiln_llama_decode(float *hidden, float *residual, const kiln_llama_layer *la
     const int64_t widest = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D);
     decode_job j = {hidden, residual, layers, num_layers, eps, B, E, H, KV, D, I, cos, sin,
                     new_slots, num_slots, slots, starts, scale, window,
-                    longest_context(starts, B)};
+                    attention_scratch(longest_context(starts, B), H, KV)};
     j.qkv_out = malloc(sizeof(float) * (size_t)(B * width));
     j.attn = malloc(sizeof(float) * (size_t)(B * H * D));
     j.gate_up_out = malloc(sizeof(float) * (size_t)(B * 2 * I));
@@ -842,7 +887,7 @@ int kiln_llama_decode(float *hidden, float *residual, const kiln_llama_layer *la
     j.attention_next = malloc(sizeof(atomic_llong) * (size_t)num_layers);
     j.own_residual = malloc(sizeof(float) * (size_t)(B * E * threads));
     j.own_normed = malloc(sizeof(float) * (size_t)(B * E * threads));
-    j.own_scores = malloc(sizeof(float) * (size_t)(j.longest * threads));
+    j.own_scores = malloc(sizeof(float) * (size_t)(j.scores_each * threads));
     j.scratch = scratch_alloc(threads, B < MAX_INT_ROWS ? B : MAX_INT_ROWS, widest);
     int status = -1;
     if (j.qkv_out && j.attn && j.gate_up_out && j.act && j.attention_next && j.own_residual &&

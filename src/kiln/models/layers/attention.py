@@ -287,7 +287,12 @@ class PagedAttention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
         """Attention of this step's queries over caches that already hold this step's keys."""
-        if self.kernels is not None and metadata.decode_slots is not None:
+        # the native kernel takes head sizes in whole vectors of 8 (every Llama family's are)
+        if (
+            self.kernels is not None
+            and metadata.decode_slots is not None
+            and self.head_dim % 8 == 0
+        ):
             out = self.kernels.decode_attention(
                 q.contiguous(),
                 kv_cache,
