@@ -579,6 +579,16 @@ static int64_t attention_scratch(int64_t longest, int64_t H, int64_t KV) {
     return ((H / KV) * (longest + 8) + 15) & ~(int64_t)15;
 }
 
+/* Cached rows are gathered through each sequence's slots, an order the hardware prefetcher
+ * cannot guess, so rows this far ahead are requested while the current one is used: 16
+ * sequences of 90 tokens in scattered 16-slot blocks, SmolLM2's heads, 30 layers' caches (too
+ * big for L3) took 10.1 ms with against 13.4 ms without (best of 5, interleaved). */
+#define PREFETCH_ROWS 8
+
+static inline void prefetch_row(const float *row, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) _mm_prefetch((const char *)(row + i), _MM_HINT_T0);
+}
+
 /* a . b over n floats (n a multiple of 8). */
 static inline float dot8(const float *a, const float *b, int64_t n) {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
@@ -642,6 +652,8 @@ static void attention_part(const float *q, int64_t q_stride, const float *cache,
         const float *qh = q + b * q_stride + kvh * group * D;
         for (int64_t t = 0; t < len; t++) {
             const float *k = cache + (slots[first + t] * KV + kvh) * D;
+            if (t + PREFETCH_ROWS < len)
+                prefetch_row(cache + (slots[first + t + PREFETCH_ROWS] * KV + kvh) * D, D);
             for (int64_t g = 0; g < group; g++)
                 scores[g * stride + t] = dot8(qh + g * D, k, D) * scale;
         }
@@ -657,6 +669,10 @@ static void attention_part(const float *q, int64_t q_stride, const float *cache,
                 for (int64_t t = 0; t < len; t++) {
                     const __m256 p = _mm256_set1_ps(row[t]);
                     const float *v = values + (slots[first + t] * KV + kvh) * D + d0;
+                    if (t + PREFETCH_ROWS < len)
+                        prefetch_row(
+                            values + (slots[first + t + PREFETCH_ROWS] * KV + kvh) * D + d0,
+                            width);
                     for (int i = 0; i < width / 8; i++)
                         acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * i), acc[i]);
                 }
