@@ -48,3 +48,9 @@ def test_a_decode_step_reads_every_context_slot_and_writes_the_new_one(window):
 def test_a_decode_step_whose_table_is_too_short_is_refused():
     with pytest.raises(ValueError, match="block table has 1 blocks, context needs 2"):
         AttentionMetadata.build([8], [1], [[0]], 8)
+
+
+def test_a_step_without_sequences_has_an_empty_layout():
+    metadata = AttentionMetadata.build([], [], [], 8)
+    assert metadata.sequences == [] and metadata.slot_mapping.numel() == 0
+    assert metadata.decode_slots is None

@@ -64,7 +64,8 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """Layout for sequences that already have ``num_computed_tokens`` cached and bring
         ``num_new_tokens`` in this step (a prefill chunk, or 1 for a decode)."""
-        if torch.device(device).type == "cpu" and all(n == 1 for n in num_new_tokens):
+        decode = bool(num_new_tokens) and all(n == 1 for n in num_new_tokens)
+        if decode and torch.device(device).type == "cpu":
             return cls._decode_on_cpu(num_computed_tokens, block_tables, block_size, sliding_window)
         slot_chunks: list[torch.Tensor] = []
         sequences: list[SequenceAttention] = []
