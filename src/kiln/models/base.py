@@ -31,9 +31,28 @@ class CausalLM(nn.Module, abc.ABC):
     # Checkpoint entries that are buffers in Hugging Face models, not weights.
     ignored_weights: tuple[str, ...] = (r"rotary_emb\.inv_freq$",)
 
+    supports_training: bool = False
+    """Whether ``forward`` runs without KV caches (``kv_caches`` all None, with
+    :meth:`AttentionMetadata.packed`) differentiably: what fine-tuning needs."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder blocks in order (what gradient checkpointing wraps)."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its decoder layers")
+
+    def hf_projections(self, layer_name: str) -> dict[str, tuple[str, int]]:
+        """The Hugging Face projections one of this model's linear layers holds: short name ->
+        (module name, row block), e.g. ``model.layers.0.self_attn.qkv_proj`` -> ``q_proj``,
+        ``k_proj``, ``v_proj``; an unfused layer is its own single projection."""
+        found = {
+            original.rsplit(".", 1)[-1]: (layer_name.replace(fused, original), shard)
+            for fused, original, shard in self.stacked_params
+            if layer_name.endswith(fused)
+        }
+        return found or {layer_name.rsplit(".", 1)[-1]: (layer_name, 0)}
 
     @abc.abstractmethod
     def forward(

@@ -32,13 +32,19 @@ class GPTJAttention(nn.Module):
         x: torch.Tensor,  # [T, hidden]
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         rotary: RotaryEmbedding,
-        kv_cache: torch.Tensor,
+        kv_cache: torch.Tensor | None,
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        qkv = self.qkv_proj.forward(x).view(x.shape[0], 3 * self.num_heads, self.head_dim)
-        rotary.rotate_(qkv[:, : 2 * self.num_heads], *cos_sin)
-        q = qkv[:, : self.num_heads]
-        kv = qkv[:, self.num_heads :].unflatten(1, (2, self.num_heads)).transpose(0, 1)
+        heads = self.num_heads
+        qkv = self.qkv_proj.forward(x).view(x.shape[0], 3 * heads, self.head_dim)
+        if kv_cache is None:
+            # No cache (training): rotate out of place, as autograd cannot follow ``rotate_``.
+            qk = rotary.rotate(qkv[:, : 2 * heads], *cos_sin)
+            kv = torch.stack((qk[:, heads:], qkv[:, 2 * heads :]))  # [2, T, H, D]
+            return self.out_proj.forward(self.attn.forward(qk[:, :heads], kv, None, attn_metadata))
+        rotary.rotate_(qkv[:, : 2 * heads], *cos_sin)
+        q = qkv[:, :heads]
+        kv = qkv[:, heads:].unflatten(1, (2, heads)).transpose(0, 1)
         return self.out_proj.forward(self.attn.forward(q, kv, kv_cache, attn_metadata))
 
 
@@ -80,6 +86,7 @@ class GPTJForCausalLM(CausalLM):
     )
     # Hugging Face GPT-J checkpoints carry the causal mask as buffers.
     ignored_weights = (r"attn\.bias$", r"attn\.masked_bias$")
+    supports_training = True
 
     def __init__(self, config: ModelConfig, max_positions: int | None = None) -> None:
         super().__init__(config)
@@ -120,3 +127,6 @@ class GPTJForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.transformer.h

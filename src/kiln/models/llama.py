@@ -160,6 +160,7 @@ class LlamaForCausalLM(CausalLM):
         ("gate_up_proj", "gate_proj", 0),
         ("gate_up_proj", "up_proj", 1),
     )
+    supports_training = True
 
     def __init__(self, config: ModelConfig, max_positions: int | None = None) -> None:
         super().__init__(config)
@@ -200,6 +201,9 @@ class LlamaForCausalLM(CausalLM):
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer.forward(x, residual, cos_sin, rotary, kv_cache, attn_metadata)
         return self.model.norm.add_forward(x, residual)[0]
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.layers
 
     def _fused_decode_layers(self, kv_caches: list[torch.Tensor]) -> bool:
         """Whether a decode step can run as one native call, preparing the layers' constant

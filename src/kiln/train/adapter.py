@@ -64,7 +64,7 @@ def load_adapter(model: CausalLM, path: str | Path) -> int:
     for layer_name, layer in model.linear_layers().items():
         present = {
             proj: (hf_name, shard)
-            for proj, (hf_name, shard) in _projections(model, layer_name).items()
+            for proj, (hf_name, shard) in model.hf_projections(layer_name).items()
             if f"{_PREFIX}{hf_name}.lora_A.weight" in weights
         }
         if not present:
@@ -101,14 +101,3 @@ def load_adapter(model: CausalLM, path: str | Path) -> int:
     if hasattr(model, "fused_decode"):
         model.fused_decode = False
     return adapted
-
-
-def _projections(model: CausalLM, layer_name: str) -> dict[str, tuple[str, int]]:
-    """Hugging Face projections of one kiln linear layer: short name -> (module name, row
-    block), e.g. ``model.layers.0.self_attn.qkv_proj`` -> ``q_proj``, ``k_proj``, ``v_proj``."""
-    found = {
-        original.rsplit(".", 1)[-1]: (layer_name.replace(fused, original), shard)
-        for fused, original, shard in model.stacked_params
-        if layer_name.endswith(fused)
-    }
-    return found or {layer_name.rsplit(".", 1)[-1]: (layer_name, 0)}

@@ -19,8 +19,11 @@ from kiln.errors import ConfigError
 from kiln.models.base import CausalLM
 from kiln.models.layers.linear import Linear
 
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""Projection names LoRA can target (Hugging Face Llama names)."""
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GPTJ_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
+TARGET_MODULES = tuple(dict.fromkeys(LLAMA_TARGETS + GPTJ_TARGETS))
+"""Projection names LoRA can target (Hugging Face names: the Llama family's, then GPT-J's); a
+model adapts those of them it has."""
 
 
 @dataclass(frozen=True)
@@ -123,10 +126,10 @@ class LoRALinear(nn.Module):
 
 def _targets(model: CausalLM, layer_name: str, config: LoRAConfig) -> dict[str, int]:
     """Which of a layer's projections are targeted, with their row block."""
-    leaf = layer_name.rsplit(".", 1)[-1]
-    fused = {orig: shard for f, orig, shard in model.stacked_params if f == leaf}
-    projections = fused or {leaf: 0}
-    return {name: shard for name, shard in projections.items() if name in config.target_modules}
+    projections = model.hf_projections(layer_name)
+    return {
+        name: shard for name, (_, shard) in projections.items() if name in config.target_modules
+    }
 
 
 def apply_lora(model: CausalLM, config: LoRAConfig) -> dict[str, LoRALinear]:
@@ -174,3 +177,9 @@ def adapter_state(model: CausalLM) -> dict[str, torch.Tensor]:
             state[f"{prefix}.lora_A.weight"] = module.lora_a[proj].detach().contiguous()
             state[f"{prefix}.lora_B.weight"] = module.lora_b[proj].detach().contiguous()
     return state
+
+
+def adapted_projections(model: CausalLM) -> list[str]:
+    """The projection names the model's adapters cover (PEFT's ``target_modules``)."""
+    names = {proj for m in model.modules() if isinstance(m, LoRALinear) for proj in m.shards}
+    return [name for name in TARGET_MODULES if name in names]

@@ -67,7 +67,7 @@ def checkpoint_layers(model: CausalLM) -> None:
     """Gradient checkpointing: each decoder layer keeps only its inputs for the backward pass
     and recomputes the rest there (non-reentrant, so the layer's arguments need not be tensors
     and dropout masks come out the same: the RNG state is replayed)."""
-    for layer in model.model.layers:
+    for layer in model.decoder_layers():
         # NOTE: the model calls ``layer.forward`` directly (no module hooks on the hot path),
         # so the instance's ``forward`` is what gets replaced; names and weights stay as they are.
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)

@@ -14,11 +14,10 @@ from kiln.config import ModelConfig
 from kiln.errors import ConfigError
 from kiln.models.base import CausalLM
 from kiln.models.layers.linear import Linear
-from kiln.models.llama import LlamaForCausalLM
 from kiln.models.loader import build_model
 from kiln.models.registry import MODEL_REGISTRY
 from kiln.text import Tokenizer
-from kiln.train.lora import LoRAConfig, adapter_state
+from kiln.train.lora import LoRAConfig, adapted_projections, adapter_state
 from kiln.weights.checkpoint import Checkpoint
 from kiln.weights.resolve import resolve_checkpoint
 
@@ -36,9 +35,11 @@ def load_for_training(model: str | None, device: str = "cpu") -> TrainableModel:
     with every weight dequantized: quantized layers have no gradients."""
     checkpoint = resolve_checkpoint(model)
     config = ModelConfig.from_hf(checkpoint.config, checkpoint.generation_config)
-    if MODEL_REGISTRY[config.model_type] is not LlamaForCausalLM:
-        # NOTE: only the Llama family has the cache-free (differentiable) forward so far.
-        raise ConfigError(f"fine-tuning supports the Llama family, not {config.model_type!r}")
+    if not MODEL_REGISTRY[config.model_type].supports_training:
+        trainable = sorted(t for t, cls in MODEL_REGISTRY.items() if cls.supports_training)
+        raise ConfigError(
+            f"fine-tuning supports {', '.join(trainable)} models, not {config.model_type!r}"
+        )
     loaded = build_model(
         checkpoint, config, torch.float32, torch.device(device), quantize="none", inference=False
     )
@@ -50,7 +51,6 @@ def hf_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
     """The model's weights under Hugging Face names: fused layers split back into q/k/v and
     gate/up (the inverse of what :meth:`CausalLM.load_weights` does)."""
     linears = model.linear_layers()
-    unfused = {(fused, shard): orig for fused, orig, shard in model.stacked_params}
     state: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         owner, _, attr = name.rpartition(".")
@@ -58,9 +58,7 @@ def hf_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
         if layer is None or len(layer.output_sizes) == 1:
             state[name] = tensor.detach().contiguous()
             continue
-        leaf = owner.rsplit(".", 1)[-1]
-        for shard in range(len(layer.output_sizes)):
-            hf_owner = owner[: -len(leaf)] + unfused[(leaf, shard)]
+        for hf_owner, shard in model.hf_projections(owner).values():
             rows = Linear.shard_rows(layer, shard)
             state[f"{hf_owner}.{attr}"] = tensor[rows].detach().clone()
     return state
@@ -92,7 +90,7 @@ def save_adapter(model: CausalLM, lora: LoRAConfig, base_name: str, out: Path) -
             "r": lora.r,
             "lora_alpha": lora.alpha,
             "lora_dropout": lora.dropout,
-            "target_modules": list(lora.target_modules),
+            "target_modules": adapted_projections(model),
             "bias": "none",
         },
     )
