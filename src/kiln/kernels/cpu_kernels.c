@@ -202,6 +202,12 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(a);
 }
 
+static inline float hmax(__m256 v) {
+    __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_max_ss(a, _mm_movehdup_ps(a)));
+}
+
 /* The 32 codes of a block as bytes, in order. */
 static inline __m256i int4_codes(const block_int4 *b) {
     const __m128i packed = _mm_loadu_si128((const __m128i *)b->qs);
@@ -224,9 +230,7 @@ static void quantize_activations(const float *x, int64_t M, int64_t K, int16_t *
             part[k] = _mm256_loadu_ps(v + 8 * k);
             amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, part[k]));
         }
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        const float top = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        const float top = hmax(amax);
         const __m256 inv = _mm256_set1_ps(top > 0.0f ? 32767.0f / top : 0.0f);
         const __m256i q01 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(part[0], inv)),
                                                _mm256_cvtps_epi32(_mm256_mul_ps(part[1], inv)));
@@ -409,47 +413,67 @@ static void int_features(int bits, const int_rows_in *in, int64_t M, const void 
     }
 }
 
-/* Per-thread scratch for quantizing up to `rows` activation rows of up to `width` features. */
+/* One thread's scratch for quantized activation rows (see scratch_alloc). */
 typedef struct {
     int16_t *xq;
     float *xd, *xsum;
 } row_scratch;
 
-/* Quantize x [M][K] into scratch; returns the rows to pass to int_features. */
-static int_rows_in quantize_rows(const float *x, int64_t M, int64_t K, const row_scratch *s) {
-    quantize_activations(x, M, K, s->xq, s->xd, s->xsum);
-    return (int_rows_in){s->xq, s->xd, s->xsum, K};
+/* A linear layer's activation rows as its features take them (rows_features): up to
+ * MAX_INT_ROWS rows quantized into a thread's scratch, more as they are, in float. */
+typedef struct {
+    const float *x;
+    int64_t M, K;
+    int_rows_in q; /* when M <= MAX_INT_ROWS */
+} rows_in;
+
+static rows_in prepare_rows(const float *x, int64_t M, int64_t K, const row_scratch *s) {
+    rows_in in = {x, M, K, {0}};
+    if (M <= MAX_INT_ROWS) {
+        quantize_activations(x, M, K, s->xq, s->xd, s->xsum);
+        in.q = (int_rows_in){s->xq, s->xd, s->xsum, K};
+    }
+    return in;
 }
 
-/* Features [lo, hi) of y [M][N] = x [M][K] @ W.T for a quantized W: up to MAX_INT_ROWS rows are
- * quantized into this thread's scratch and multiplied on integers, more in float. */
-static void linear_part(int bits, const float *x, int64_t M, int64_t K, const void *w, int64_t N,
-                        float *y, int64_t lo, int64_t hi, const row_scratch *scratch) {
-    if (M > MAX_INT_ROWS) {
-        /* Passes of 8 (or, for wide rows, 4) rows over all the features, so that a pass's
-         * rows stay in L1 while the weights stream by: with one feature at a time over all
-         * rows, 16 rows of SmolLM2's 576 features (36 KB) thrashed L1 and the gate/up and LM
-         * head layers ran 1.2-1.3x slower (CPUKernels.linear, 16 rows, interleaved). */
-        const int64_t G = K / GROUP;
-        const int rows = 8 * K * (int64_t)sizeof(float) <= L1_ROWS_BYTES ? 8 : 4;
-        int64_t m0 = 0;
-        for (; m0 + rows <= M; m0 += rows)
-            for (int64_t n = lo; n < hi; n++)
-                if (rows == 8)
-                    float_rows(bits, w, n, G, x, m0, 8, N, y);
-                else
-                    float_rows(bits, w, n, G, x, m0, 4, N, y);
-        if (m0 < M)
-            for (int64_t n = lo; n < hi; n++)
-                float_feature(bits, w, n, G, x + m0 * K, M - m0, N, y + m0 * N);
+/* Features [lo, hi) of y [M][N] = x [M][K] @ W.T for a quantized W: on integers up to
+ * MAX_INT_ROWS rows, in float for more. */
+static void rows_features(int bits, const rows_in *in, const void *w, int64_t N, float *y,
+                          int64_t lo, int64_t hi) {
+    const int64_t M = in->M, K = in->K, G = K / GROUP;
+    if (M <= MAX_INT_ROWS) {
+        int_features(bits, &in->q, M, w, N, y, lo, hi);
         return;
     }
-    const int_rows_in in = quantize_rows(x, M, K, scratch);
-    int_features(bits, &in, M, w, N, y, lo, hi);
+    /* Passes of 8 (or, for wide rows, 4) rows over all the features, so that a pass's rows
+     * stay in L1 while the weights stream by: with one feature at a time over all rows, 16
+     * rows of SmolLM2's 576 features (36 KB) thrashed L1 and the gate/up and LM head layers
+     * ran 1.2-1.3x slower (CPUKernels.linear, 16 rows, interleaved). */
+    const float *x = in->x;
+    const int rows = 8 * K * (int64_t)sizeof(float) <= L1_ROWS_BYTES ? 8 : 4;
+    int64_t m0 = 0;
+    for (; m0 + rows <= M; m0 += rows)
+        for (int64_t n = lo; n < hi; n++)
+            if (rows == 8)
+                float_rows(bits, w, n, G, x, m0, 8, N, y);
+            else
+                float_rows(bits, w, n, G, x, m0, 4, N, y);
+    if (m0 < M)
+        for (int64_t n = lo; n < hi; n++)
+            float_feature(bits, w, n, G, x + m0 * K, M - m0, N, y + m0 * N);
 }
 
-/* n row_scratch of `rows` x `width` features each in one allocation (NULL when out of memory). */
+/* Features [lo, hi) of y [M][N] = x [M][K] @ W.T for a quantized W. */
+static void linear_part(int bits, const float *x, int64_t M, int64_t K, const void *w, int64_t N,
+                        float *y, int64_t lo, int64_t hi, const row_scratch *scratch) {
+    const rows_in in = prepare_rows(x, M, K, scratch);
+    rows_features(bits, &in, w, N, y, lo, hi);
+}
+
+/* n row_scratch in one allocation (NULL when out of memory), each for the activation rows of
+ * calls with `rows` rows of up to `width` features (only up to MAX_INT_ROWS are quantized). */
 static row_scratch *scratch_alloc(int n, int64_t rows, int64_t width) {
+    if (rows > MAX_INT_ROWS) rows = MAX_INT_ROWS;
     const size_t groups = (size_t)(rows * (width / GROUP)) + 1;
     const size_t each = sizeof(int16_t) * (size_t)(rows * width) + 2 * sizeof(float) * groups;
     row_scratch *s = malloc(sizeof(row_scratch) * (size_t)n + each * (size_t)n + 64);
@@ -483,8 +507,7 @@ static void run_linear(void *arg, int tid, int n) {
 int kiln_quantized_linear(int bits, const float *x, int64_t M, int64_t K, const void *w,
                           int64_t N, float *y, int threads) {
     if (threads < 1) threads = 1;
-    linear_job job = {bits, x, M, K, N, w, y,
-                      scratch_alloc(threads, M < MAX_INT_ROWS ? M : MAX_INT_ROWS, K)};
+    linear_job job = {bits, x, M, K, N, w, y, scratch_alloc(threads, M, K)};
     if (!job.scratch) return -1;
     pool_run(run_linear, &job, threads);
     free(job.scratch);
@@ -608,9 +631,7 @@ static float softmax_numerators(float *row, int64_t len) {
     for (int64_t t = len; t < padded; t++) row[t] = -INFINITY;
     __m256 top = _mm256_set1_ps(-INFINITY);
     for (int64_t t = 0; t < padded; t += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(row + t));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    const __m256 best = _mm256_set1_ps(_mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))));
+    const __m256 best = _mm256_set1_ps(hmax(top));
     __m256 total = _mm256_setzero_ps();
     for (int64_t t = 0; t < padded; t += 8) {
         /* exp8 clamps -inf to a tiny normal number: the padding is zeroed explicitly */
@@ -876,18 +897,11 @@ static void run_llama_decode(void *arg, int tid, int n) {
         rms_norm_rows(residual, layer->norm2, B, E, j->eps, normed);
         /* gate features [i_lo, i_hi) and the matching up features, so this thread can finish
          * silu(gate) * up for them without waiting for the others */
-        if (B > MAX_INT_ROWS) {
-            linear_part(layer->gate_up_bits, normed, B, E, layer->gate_up, 2 * I,
-                        j->gate_up_out, i_lo, i_hi, scratch);
-            linear_part(layer->gate_up_bits, normed, B, E, layer->gate_up, 2 * I,
-                        j->gate_up_out, I + i_lo, I + i_hi, scratch);
-        } else { /* both halves from one quantization of the normed rows */
-            const int_rows_in rows = quantize_rows(normed, B, E, scratch);
-            int_features(layer->gate_up_bits, &rows, B, layer->gate_up, 2 * I, j->gate_up_out,
-                         i_lo, i_hi);
-            int_features(layer->gate_up_bits, &rows, B, layer->gate_up, 2 * I, j->gate_up_out,
-                         I + i_lo, I + i_hi);
-        }
+        const rows_in mlp_rows = prepare_rows(normed, B, E, scratch); /* for both halves */
+        rows_features(layer->gate_up_bits, &mlp_rows, layer->gate_up, 2 * I, j->gate_up_out,
+                      i_lo, i_hi);
+        rows_features(layer->gate_up_bits, &mlp_rows, layer->gate_up, 2 * I, j->gate_up_out,
+                      I + i_lo, I + i_hi);
         for (int64_t b = 0; b < B; b++) {
             const float *g = j->gate_up_out + b * 2 * I, *u = g + I;
             silu_times(g + i_lo, u + i_lo, i_hi - i_lo, j->act + b * I + i_lo);
@@ -922,7 +936,7 @@ int kiln_llama_decode(float *hidden, float *residual, const kiln_llama_layer *la
     j.own_residual = malloc(sizeof(float) * (size_t)(B * E * threads));
     j.own_normed = malloc(sizeof(float) * (size_t)(B * E * threads));
     j.own_scores = malloc(sizeof(float) * (size_t)(j.scores_each * threads));
-    j.scratch = scratch_alloc(threads, B < MAX_INT_ROWS ? B : MAX_INT_ROWS, widest);
+    j.scratch = scratch_alloc(threads, B, widest);
     int status = -1;
     if (j.qkv_out && j.attn && j.gate_up_out && j.act && j.attention_next && j.own_residual &&
         j.own_normed && j.own_scores && j.scratch) {

@@ -219,12 +219,10 @@ class LlamaForCausalLM(CausalLM):
         layers = self.model.layers
         kernels = layers[0].self_attn.attn.kernels
         config = self.config
-        if kernels is None or not self.model.rotary.fits_cpu_kernels:
-            return None  # not a float32 CPU model with kiln's kernels, or another rotary
+        if not layers[0].self_attn.attn.native_decode or not self.model.rotary.fits_cpu_kernels:
+            return None  # not a float32 CPU model with kiln's attention kernel, or another rotary
         if config.hidden_act != "silu" or config.mlp_bias:
             return None
-        if layers[0].self_attn.attn.head_dim % 8:
-            return None  # the native attention takes head sizes in whole vectors of 8
         if not all(c.is_contiguous() and c.dtype == torch.float32 for c in kv_caches):
             return None
         if len({c.shape for c in kv_caches}) != 1:

@@ -223,6 +223,12 @@ class PagedAttention(nn.Module):
         """kiln's CPU kernels, set by :meth:`CausalLM.prepare_for_cpu` for float32 models:
         a decode step then attends for every sequence in one call."""
 
+    @property
+    def native_decode(self) -> bool:
+        """Whether a decode step attends through kiln's kernel: a float32 CPU model (kernels
+        set) whose head size is whole vectors of 8 floats, as every Llama family's is."""
+        return self.kernels is not None and self.head_dim % 8 == 0
+
     def forward(
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim]
@@ -288,12 +294,7 @@ class PagedAttention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
         """Attention of this step's queries over caches that already hold this step's keys."""
-        # the native kernel takes head sizes in whole vectors of 8 (every Llama family's are)
-        if (
-            self.kernels is not None
-            and metadata.decode_slots is not None
-            and self.head_dim % 8 == 0
-        ):
+        if self.native_decode and metadata.decode_slots is not None:
             out = self.kernels.decode_attention(
                 q.contiguous(),
                 kv_cache,
