@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# Before torch: kiln sets the OpenMP wait policy its CPU kernels need (kiln/__init__.py).
+import kiln  # noqa: F401
+
+# isort: split
 import contextlib
 import importlib.metadata
 import os

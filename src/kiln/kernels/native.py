@@ -277,6 +277,12 @@ def cpu_kernels() -> CPUKernels | None:
     if compiler is None:
         logger.warning("no C compiler (gcc): quantized weights run in floating point")
         return None
+    if "OMP_WAIT_POLICY" not in os.environ:  # see kiln/__init__.py
+        logger.warning(
+            "torch was imported before kiln, so its OpenMP threads spin after each op and slow"
+            " kiln's CPU kernels (prefill steps up to 5x); import kiln first, or set"
+            " OMP_WAIT_POLICY=PASSIVE"
+        )
     try:
         return CPUKernels(ctypes.CDLL(str(_build(compiler, flags))))
     except (OSError, subprocess.CalledProcessError) as e:
