@@ -264,6 +264,14 @@ def test_server_command_splits_context_over_slots(tmp_path: Path) -> None:
     assert flag("--parallel") == "16" and flag("--ctx-size") == str(16 * 512)
     assert flag("--threads") == flag("--threads-batch") == "2"
     assert flag("--host") == "127.0.0.1" and flag("--port") == "9000"
+    assert "--no-repack" not in command
+
+
+def test_server_command_without_repacking(tmp_path: Path) -> None:
+    command = llama_server.server_command(
+        tmp_path / "llama-server", Path("m.gguf"), 9000, 2, 16, 512, repack=False
+    )
+    assert command[-1] == "--no-repack" and command.count("--no-repack") == 1
 
 
 def test_free_port_is_bindable() -> None:

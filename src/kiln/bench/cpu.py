@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import itertools
 import json
 import os
@@ -290,19 +291,69 @@ def kiln_prefill(llm: Any, prompts: Iterator[list[int]]) -> Callable[[], float]:
     return run
 
 
-def load_llama_cpp(path: Path, threads: int) -> Any:
+def load_llama_cpp(path: Path, threads: int, repack: bool = True) -> Any:
+    """llama-cpp-python's ``Llama`` for ``path``; ``repack=False`` loads it without weight
+    repacking (llama.cpp's extra buffer types: AMX, interleaved Q4_0), as llama-server's
+    ``--no-repack`` does."""
+    import llama_cpp.llama_cpp as bindings
     from llama_cpp import Llama
 
-    # NOTE: one batch holds the whole 500-token prompt, as kiln's 2048-token step does.
-    return Llama(
-        str(path),
-        n_ctx=1024,
-        n_batch=512,
-        n_ubatch=512,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
+    defaults = bindings.llama_model_default_params
+
+    def without_repacking() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    # NOTE: Llama() takes no such argument; it reads the module's defaults while it loads.
+    if not repack:
+        bindings.llama_model_default_params = without_repacking
+    try:
+        # NOTE: one batch holds the whole 500-token prompt, as kiln's 2048-token step does.
+        return Llama(
+            str(path),
+            n_ctx=1024,
+            n_batch=512,
+            n_ubatch=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+    finally:
+        bindings.llama_model_default_params = defaults
+
+
+# Loads and runs a prompt and a few decode steps in a child process.
+_REPACK_PROBE = """
+import sys
+from pathlib import Path
+from kiln.bench.cpu import load_llama_cpp
+llm = load_llama_cpp(Path(sys.argv[1]), int(sys.argv[2]))
+llm.eval(llm.tokenize(b"The repacked weights run a prompt and a few decode steps"))
+for token in (1, 2, 3):
+    llm.eval([token])
+"""
+
+
+def llama_cpp_repack_failure(path: Path, threads: int) -> str | None:
+    """None when llama.cpp runs ``path`` with its weight repacking, or how that failed.
+
+    Probed in a child process, because the failure seen is a crash: on an Intel VM with AMX,
+    llama-cpp-python 0.3.36 segfaulted in ``ggml_backend_amx_mul_mat`` on the first decode,
+    taking the whole benchmark with it; without repacking it ran."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", _REPACK_PROBE, str(path), str(threads)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        return f"killed by signal {-done.returncode}"
+    return f"exit {done.returncode}: {_one_line(done.stderr[-300:])}"
 
 
 def llama_cpp_decoder(llm: Any) -> Callable[[int], int]:
@@ -370,7 +421,12 @@ def _try(what: str, load: Callable[[], Any]) -> tuple[Any, str | None]:
 
 
 def in_process_rows(
-    path: Path, threads: int, quantize: str | None, repeats: int, transformers: bool
+    path: Path,
+    threads: int,
+    quantize: str | None,
+    repeats: int,
+    transformers: bool,
+    repack: bool = True,
 ) -> list[Row]:
     """The decode and prefill rows: every peer loaded into this process."""
     import torch
@@ -382,7 +438,9 @@ def in_process_rows(
     print("loading kiln ...")
     llm = LLM(str(path), device="cpu", quantize=quantize)
     print("loading llama.cpp (llama-cpp-python) ...")
-    lcpp, lcpp_reason = _try("loading llama-cpp-python", lambda: load_llama_cpp(path, threads))
+    lcpp, lcpp_reason = _try(
+        "loading llama-cpp-python", lambda: load_llama_cpp(path, threads, repack)
+    )
     hf = hf_reason = None
     if transformers:
         print("loading transformers (dequantized GGUF) ...")
@@ -439,6 +497,7 @@ def served_peers(
     quantize: str | None,
     llama_server: Path | None,
     llama_reason: str | None,
+    repack: bool = True,
 ) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
     """Both servers up at once (so that their runs can alternate): ({peer: base URL} of those
     that started, {peer: why not} of those that did not)."""
@@ -456,7 +515,9 @@ def served_peers(
         if llama_server is not None:
             lport = free_port()
             slots = max(SERVED_STREAMS)
-            lcommand = server_command(llama_server, path, lport, threads, slots, SLOT_CONTEXT)
+            lcommand = server_command(
+                llama_server, path, lport, threads, slots, SLOT_CONTEXT, repack
+            )
             starts[LLAMA_CPP] = lambda: stack.enter_context(
                 launched(lcommand, lport, "llama-server")
             )
@@ -477,11 +538,13 @@ def served_rows(
     repeats: int,
     llama_server: Path | None,
     llama_reason: str | None,
+    repack: bool = True,
 ) -> list[Row]:
     rows = [
         Row(f"served, {n} stream{'s' * (n > 1)} x {SERVED_TOKENS} tokens") for n in SERVED_STREAMS
     ]
-    with served_peers(path, threads, quantize, llama_server, llama_reason) as (urls, reasons):
+    peers = served_peers(path, threads, quantize, llama_server, llama_reason, repack)
+    with peers as (urls, reasons):
         models = {}
         for peer, url in urls.items():
             try:
@@ -545,15 +608,24 @@ def run(
         f"{quantize or 'as stored in the GGUF'} | {repeats} runs per cell after a warm-up, "
         f"interleaved {KILN}, {LLAMA_CPP}{'' if skip_transformers else ', ' + TRANSFORMERS}"
     )
+    # A llama.cpp that crashes with its weight repacking runs without it, and the header says so.
+    failure = None
+    if importlib.util.find_spec("llama_cpp") is not None:
+        failure = llama_cpp_repack_failure(path, threads)
+    if failure is not None:
+        header += (
+            f"\nllama.cpp runs without weight repacking (with it, a probe run failed: {failure})"
+        )
     print(header)
     # The (one-off, long) llama-server build comes first, before anything is measured.
     binary, reason = (None, None) if skip_served else find_llama_server(llama_server)
     # What else ran meanwhile decides how far the numbers can be trusted: shown beside them.
     load_before = load_average()
-    rows = in_process_rows(path, threads, quantize, repeats, not skip_transformers)
+    repack = failure is None
+    rows = in_process_rows(path, threads, quantize, repeats, not skip_transformers, repack)
     gc.collect()  # the in-process models go before the servers load theirs
     if not skip_served:
-        rows += served_rows(path, threads, quantize, repeats, binary, reason)
+        rows += served_rows(path, threads, quantize, repeats, binary, reason, repack)
     load = f"system load average (1 min) before: {load_before}, after: {load_average()}"
     return f"{header}\n{load}\n\n{format_table(rows)}"
 

@@ -218,15 +218,21 @@ def _run(command: list[str], log_file: object) -> None:
 
 
 def server_command(
-    binary: Path, model: Path, port: int, threads: int, slots: int, slot_context: int
+    binary: Path,
+    model: Path,
+    port: int,
+    threads: int,
+    slots: int,
+    slot_context: int,
+    repack: bool = True,
 ) -> list[str]:
     """llama-server serving ``model`` on loopback ``port`` with ``slots`` parallel sequences.
 
     llama-server splits ``-c`` evenly among its slots, so the total context is
     ``slots x slot_context``. ``-tb`` too: prompt processing uses the same threads as decode,
-    as in kiln.
+    as in kiln. ``repack=False``: ``--no-repack`` (see :func:`kiln.bench.cpu.load_llama_cpp`).
     """
-    return [
+    command = [
         str(binary),
         "--model",
         str(model),
@@ -243,6 +249,7 @@ def server_command(
         "--ctx-size",
         str(slots * slot_context),
     ]
+    return command if repack else [*command, "--no-repack"]
 
 
 def free_port() -> int:
