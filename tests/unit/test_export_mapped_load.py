@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import models, pre_tokenizers
 
 from kiln.errors import ModelLoadError
-from kiln.export.reader import map_safetensors
+from kiln.export.reader import map_safetensors, open_map, populate_in_background
 from kiln.export.writer import _write_tokenizer
 
 
@@ -112,3 +112,30 @@ def test_a_merge_with_a_space_keeps_the_pair_form(tmp_path: Path) -> None:
     assert '["a b","b"]' in path.read_text(encoding="utf-8")
     loaded = tokenizers.Tokenizer.from_file(str(path))
     assert loaded.to_str() == tokenizer.to_str()
+
+
+def _resident_kib(address: int) -> int:
+    """Rss of the mapping starting at ``address`` in this process (/proc/self/smaps)."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.split("-", 1)[0] == f"{address:x}":
+            rss = next(x for x in lines[i + 1 :] if x.startswith("Rss:"))
+            return int(rss.split()[1])
+    raise AssertionError("mapping not found")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc")
+def test_populating_a_map_makes_all_its_pages_resident(tmp_path: Path) -> None:
+    import ctypes
+
+    file = tmp_path / "w.safetensors"
+    save_file({"w": torch.randn(1 << 20)}, str(file), metadata={"format": "pt"})  # 4 MiB
+    mapped = open_map(file)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
+    assert _resident_kib(address) < 1024  # nothing touched yet
+    thread = populate_in_background(mapped)
+    assert thread is not None
+    thread.join(timeout=30)
+    assert _resident_kib(address) >= file.stat().st_size // 1024 - 4
+    # The tensors are views of the populated map, with the file's values.
+    assert torch.equal(map_safetensors(file, mapped)["w"], load_file(str(file))["w"])

@@ -88,6 +88,7 @@ def build_engine(args: EngineArgs, *, progress: bool = False) -> LoadedEngine:
     device = resolve_device(args.device)
     if artifact is not None:
         artifact.check_runtime(device, args.allow_recompile)
+        artifact.prefetch()  # read from disk while the tokenizer and the modules are built
         checkpoint = artifact.checkpoint(args.model)
     else:
         checkpoint = resolve_checkpoint(args.model)
