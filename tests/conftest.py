@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# Before torch: kiln sets the OpenMP wait policy its CPU kernels need (kiln/__init__.py).
+# Before torch: kiln sets the OpenMP spin its CPU kernels need (kiln/__init__.py).
 import kiln  # noqa: F401
 
 # isort: split

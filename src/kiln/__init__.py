@@ -8,14 +8,24 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 # NOTE: set before torch is imported, because libgomp reads it once, when it loads. By default
-# each of torch's OpenMP threads keeps spinning on its core for a while after every parallel
-# op; kiln's CPU kernels run on their own threads (kiln/kernels/cpu_kernels.c), which then
-# share that core with a spinner: a prefill step of a few tokens, where torch ops and kiln's
-# linear layers alternate, ran 1.7-5x slower (41-124 ms against 24 ms). PASSIVE sends torch's
-# threads to sleep as soon as an op ends. Setting OMP_WAIT_POLICY yourself wins; importing
-# torch before kiln leaves torch's default (kiln.kernels.native then logs a warning once).
-if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# each of torch's OpenMP threads keeps spinning on its core for a while after every parallel op
+# (measured as CPU time used while the main thread slept after an op: ~1.5 ms on a Xeon with
+# AMX, 0.1 ms with GOMP_SPINCOUNT=3000); kiln's CPU kernels run on their own threads
+# (kiln/kernels/cpu_kernels.c), which then share that core with a spinner: a prefill step of a
+# few tokens, where torch ops and kiln's linear layers alternate, took 41-124 ms instead of the
+# 24 ms it takes with those threads asleep (OMP_WAIT_POLICY=PASSIVE) or with 3,000 polls. Not
+# PASSIVE:
+# llama.cpp (a benchmark peer, sharing the process's libgomp in process) meets at an OpenMP
+# barrier after every op, and decoded 27 tokens/s instead of 97 with it. A user's own
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins; importing torch before kiln leaves libgomp's default
+# (kiln.kernels.native then logs a warning once).
+OPENMP_SPIN_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+SETS_OPENMP_SPIN = "torch" not in sys.modules and not any(
+    name in os.environ for name in OPENMP_SPIN_VARIABLES
+)
+"""Whether this import set GOMP_SPINCOUNT (so a peer process can be started without it)."""
+if SETS_OPENMP_SPIN:
+    os.environ["GOMP_SPINCOUNT"] = "3000"
 
 if TYPE_CHECKING:
     from kiln.config.engine_args import EngineArgs

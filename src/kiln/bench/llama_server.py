@@ -252,6 +252,17 @@ def server_command(
     return command if repack else [*command, "--no-repack"]
 
 
+def peer_environment() -> dict[str, str]:
+    """This process's environment without what ``import kiln`` set for kiln's own threads
+    (GOMP_SPINCOUNT): a peer server runs with its defaults."""
+    import kiln
+
+    environment = dict(os.environ)
+    if kiln.SETS_OPENMP_SPIN:
+        environment.pop("GOMP_SPINCOUNT", None)
+    return environment
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on (now)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -268,7 +279,9 @@ def launched(command: Sequence[str], port: int, name: str, timeout: float = 300.
     """
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+", errors="replace") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, env=peer_environment()
+        )
         try:
             _wait_healthy(process, url, timeout, name, output)
             yield url

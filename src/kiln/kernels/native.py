@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+import kiln
+
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -277,11 +279,11 @@ def cpu_kernels() -> CPUKernels | None:
     if compiler is None:
         logger.warning("no C compiler (gcc): quantized weights run in floating point")
         return None
-    if "OMP_WAIT_POLICY" not in os.environ:  # see kiln/__init__.py
+    if not any(name in os.environ for name in kiln.OPENMP_SPIN_VARIABLES):
         logger.warning(
-            "torch was imported before kiln, so its OpenMP threads spin after each op and slow"
-            " kiln's CPU kernels (prefill steps up to 5x); import kiln first, or set"
-            " OMP_WAIT_POLICY=PASSIVE"
+            "torch was imported before kiln, so its OpenMP threads spin long after each op and"
+            " slow kiln's CPU kernels (prefill steps up to 5x); import kiln first, or set"
+            " GOMP_SPINCOUNT=3000"
         )
     try:
         return CPUKernels(ctypes.CDLL(str(_build(compiler, flags))))
