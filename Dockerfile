@@ -45,6 +45,14 @@ RUN pip install ".[ray]"
 FROM ${PYTHON_IMAGE} AS runtime
 # NOTE: uid 1000, as Ray's own images use, so volumes prepared for them work unchanged.
 RUN useradd --create-home --uid 1000 --shell /bin/bash kiln
+# kiln's CPU kernels are C, compiled on first use for the CPU they run on (-march=native: the
+# machine that builds this image may not be the one that runs it), so the runtime carries a C
+# compiler; without one, quantized weights would run dequantized in float, several times slower.
+# (DL3008 asks for pinned versions: Debian's security updates would break a pin.)
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/kiln /opt/kiln
 ENV PATH=/opt/kiln/bin:$PATH \
     PYTHONUNBUFFERED=1 \

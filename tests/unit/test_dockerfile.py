@@ -42,6 +42,8 @@ def test_stages_user_and_health_check() -> None:
     assert re.search(r"^USER\s+1000\b", runtime, flags=re.MULTILINE)  # never root
     assert "HEALTHCHECK" in runtime and "/health" in runtime
     assert re.search(r'^CMD \["kiln", "serve"', runtime, flags=re.MULTILINE)
+    # kiln's CPU kernels compile where they run: the runtime stage needs a C compiler.
+    assert re.search(r"apt-get install [^\n]*\bgcc\b", runtime)
 
 
 def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
