@@ -70,6 +70,9 @@ class ArtifactManifest:
     rank_files: list[str] = field(default_factory=list)
     """With ``tp_degree > 1``: each rank's weights file (:data:`RANK_WEIGHTS_FILE`), in rank
     order; empty for one rank (a default, so artifacts written before TP export still read)."""
+    embedding_from_head: bool = False
+    """The embedding is looked up in the quantized tied head (``tied_head_bits``), which holds
+    exactly its values, so the weights file has no float embedding matrix."""
     compile_cache: str = COMPILE_CACHE_NOTE
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)

@@ -162,6 +162,11 @@ class Artifact:
                 # to load into.
                 model.lm_head = Linear(config.hidden_size, config.vocab_size)
             model.quantize_linears(m.quantized_layers, kernels)
+            if m.embedding_from_head and not model.embed_from_head(check=False):
+                raise ModelLoadError(
+                    f"{self.path}: says its embedding is read from a quantized tied head, "
+                    "which this model does not have"
+                )
         with torch.no_grad():
             file = self.rank_file(0)
             _load_runtime_tensors(model, file, device, self._map(file))

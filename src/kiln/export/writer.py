@@ -106,6 +106,7 @@ class _Weights:
     files: list[str]
     quantized_layers: dict[str, int]
     tied_head_bits: int | None
+    embedding_from_head: bool = False
 
 
 def export_artifact(model: str | None, output: Path, options: ExportOptions) -> ArtifactManifest:
@@ -168,7 +169,7 @@ def _write_whole_model(
     tied_head_bits = None
     if net.config.tie_word_embeddings and "lm_head" in layers:
         tied_head_bits = layers["lm_head"]  # made by quantize_tied_head: not in the checkpoint
-    return _Weights([WEIGHTS_FILE], layers, tied_head_bits)
+    return _Weights([WEIGHTS_FILE], layers, tied_head_bits, net.embeds_from_head)
 
 
 def _write_rank_files(
@@ -206,6 +207,7 @@ def _write(
         quantization=options.quantization,
         quantized_layers=weights.quantized_layers,
         tied_head_bits=weights.tied_head_bits,
+        embedding_from_head=weights.embedding_from_head,
         device=options.device,
         tp_degree=options.tp_degree,
         kiln_version=kiln.__version__,

@@ -144,6 +144,18 @@ class CausalLM(nn.Module, abc.ABC):
         """After loading: give a head tied to the embedding its own ``bits``-quantized copy
         (models without a tied head ignore this)."""
 
+    def embed_from_head(self, check: bool = True) -> bool:
+        """Look the embedding up in the quantized head tied to it and drop the float matrix,
+        where the head holds exactly its values (``check=False``: known to, as an artifact's
+        manifest says; the head may not be loaded yet). Whether it now does; models without
+        such a head keep their embedding."""
+        return False
+
+    @property
+    def embeds_from_head(self) -> bool:
+        """Whether the embedding is read from the quantized head (:meth:`embed_from_head`)."""
+        return False
+
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the weights are stored in (that of the first floating-point tensor)."""

@@ -15,6 +15,7 @@ from kiln.config import ModelConfig
 from kiln.kernels.native import CPUKernels, LlamaLayer
 from kiln.models.base import CausalLM
 from kiln.models.layers.attention import AttentionMetadata, PagedAttention
+from kiln.models.layers.embedding import HeadRowsEmbedding
 from kiln.models.layers.linear import Linear, cpu_packing_available
 from kiln.models.layers.norm import RMSNorm
 from kiln.models.layers.rotary import RotaryEmbedding
@@ -298,6 +299,21 @@ class LlamaForCausalLM(CausalLM):
         head.load_weight_rows(embedding, slice(None))
         head.finish_loading()
         self.lm_head = head
+
+    def embed_from_head(self, check: bool = True) -> bool:
+        head = self.lm_head
+        if self.embeds_from_head:
+            return True
+        if not self.config.tie_word_embeddings or head is None or head.bits is None:
+            return False
+        if check and not torch.equal(head.dense_weight(), self.model.embed_tokens.weight):
+            return False  # e.g. a float checkpoint's embedding under --quantize int8
+        self.model.embed_tokens = HeadRowsEmbedding(head)
+        return True
+
+    @property
+    def embeds_from_head(self) -> bool:
+        return isinstance(self.model.embed_tokens, HeadRowsEmbedding)
 
     def prepare_for_cpu(self) -> None:
         if self.lm_head is None and cpu_packing_available(self.dtype):

@@ -140,6 +140,7 @@ def build_model(
         model.load_weights(weights, source=str(checkpoint.path))
         if plan.tied_head is not None:
             model.quantize_tied_head(plan.tied_head, kernels)
+            model.embed_from_head()
     if not inference:
         return model
     return prepare_for_inference(model, device)

@@ -132,6 +132,13 @@ class Linear(nn.Module):
             raise RuntimeError("dense_weight() before finish_loading()")
         return self._kernels.dequantize(self.bits, self.qblocks)
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (int64 indices) of the quantized weight as float32 ``[len(rows), in]``:
+        only those rows' blocks are read (an embedding looked up in a head it is tied to)."""
+        if self.qblocks is None or self._kernels is None:
+            raise RuntimeError("dequantize_rows() on a layer that is not quantized and loaded")
+        return self._kernels.dequantize(self.bits, self.qblocks.index_select(0, rows))
+
     def finish_loading(self) -> None:
         """Pack codes and float16 scales into the kernels' blocks (``cpu_kernels.c``): per
         group of 32, int4 ``{d, m, 16 bytes of codes}`` (byte j: code j low, code j + 16
