@@ -367,7 +367,7 @@ static inline __attribute__((always_inline)) void int_rows(int bits, const void 
                                       _mm256_cvtepi32_ps(block_dot(c0, x)), acc0[r]);
             acc1[r] = _mm256_fmadd_ps(_mm256_set1_ps(d1 * xd[1]),
                                       _mm256_cvtepi32_ps(block_dot(c1, x + GROUP)), acc1[r]);
-            offset[r] += mo0 * xs[0] + mo1 * xs[1];
+            if (bits == 4) offset[r] += mo0 * xs[0] + mo1 * xs[1];
         }
     }
     for (; g < G; g++) {
@@ -379,7 +379,7 @@ static inline __attribute__((always_inline)) void int_rows(int bits, const void 
             acc0[r] = _mm256_fmadd_ps(
                 _mm256_set1_ps(d0 * in->xd[row * G + g]),
                 _mm256_cvtepi32_ps(block_dot(c0, in->xq + row * K + g * GROUP)), acc0[r]);
-            offset[r] += mo0 * in->xsum[row * G + g];
+            if (bits == 4) offset[r] += mo0 * in->xsum[row * G + g];
         }
     }
     for (int r = 0; r < ROWS; r++)
@@ -399,8 +399,9 @@ static inline __attribute__((always_inline)) void int_rows(int bits, const void 
 
 /* Features [lo, hi) of y [M][N] = x @ W.T for quantized W [N][K / 32 blocks] and quantized
  * activation rows x, feature by feature, the rows in passes of up to MAX_INT_ROWS. */
-static void int_features(int bits, const int_rows_in *in, int64_t M, const void *w, int64_t N,
-                         float *y, int64_t lo, int64_t hi) {
+static inline __attribute__((always_inline)) void int_features_of(
+    const int bits, const int_rows_in *in, int64_t M, const void *w, int64_t N, float *y,
+    int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi; n++) {
         int64_t m0 = 0;
         for (; m0 + 4 <= M; m0 += 4) int_rows(bits, w, n, in, m0, 4, N, y);
@@ -411,6 +412,16 @@ static void int_features(int bits, const int_rows_in *in, int64_t M, const void 
         default: break;
         }
     }
+}
+
+/* int_features with the bit width a compile-time constant in each branch, so the block loader's
+ * choice and the int8 path's (zero) offsets cost nothing per block. */
+static void int_features(int bits, const int_rows_in *in, int64_t M, const void *w, int64_t N,
+                         float *y, int64_t lo, int64_t hi) {
+    if (bits == 4)
+        int_features_of(4, in, M, w, N, y, lo, hi);
+    else
+        int_features_of(8, in, M, w, N, y, lo, hi);
 }
 
 /* One thread's scratch for quantized activation rows (see scratch_alloc). */
