@@ -35,6 +35,9 @@ def test_gguf_q8_embedding_is_read_from_the_head_bit_identically(smollm2_gguf: P
     kept = _model(smollm2_gguf, None)  # Q8_0 embedding, tied 8-bit head
     floats = _model(smollm2_gguf, "none")  # the embedding dequantized, as transformers reads it
     assert kept.embeds_from_head and not floats.embeds_from_head
+    # The head took the GGUF's own Q8_0 blocks: they dequantize to the float table exactly.
+    assert torch.equal(kept.lm_head.dense_weight(), floats.model.embed_tokens.weight)
+    assert kept.quantized_sources == {} and floats.quantized_sources == {}  # nothing held
     assert EMBEDDING not in kept.state_dict() and EMBEDDING in floats.state_dict()
     vocab = kept.config.vocab_size
     ids = torch.tensor([0, 1, 17, 4242, vocab - 1, 17])

@@ -38,6 +38,10 @@ class CausalLM(nn.Module, abc.ABC):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.quantized_sources: dict[str, GroupQuantized] = {}
+        """A tied model's float parameters loaded from group-quantized checkpoint tensors (a
+        GGUF's Q8_0 embedding), by name, in that form, for :meth:`quantize_tied_head`; whoever
+        loads the weights clears it after that step."""
 
     def decoder_layers(self) -> nn.ModuleList:
         """The decoder blocks in order (what gradient checkpointing wraps)."""
@@ -113,6 +117,9 @@ class CausalLM(nn.Module, abc.ABC):
                 layer.load_weight_rows(tensor, rows)
             else:
                 target.copy_(tensor.dequantize() if isinstance(tensor, GroupQuantized) else tensor)
+                if self.config.tie_word_embeddings and isinstance(tensor, GroupQuantized):
+                    # A quantized head tied to this table can take these blocks as they are.
+                    self.quantized_sources[name] = tensor
             missing[name].discard(shard or 0)
         absent = sorted(n for n, shards in missing.items() if shards)
         if absent:

@@ -175,6 +175,7 @@ class LlamaForCausalLM(CausalLM):
         self._fused_args: Array[LlamaLayer] | None = None
         self._fused_caches: list[torch.Tensor | None] = [None]
         self._fused_kernels: CPUKernels | None = None
+        self._head_from_embedding_blocks = False
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
@@ -294,11 +295,17 @@ class LlamaForCausalLM(CausalLM):
         if self.lm_head is not None:
             return
         embedding = self.model.embed_tokens.weight
+        source = self.quantized_sources.get("model.embed_tokens.weight")
         head = Linear(embedding.shape[1], embedding.shape[0])
         head.quantize_to(bits, kernels)
-        head.load_weight_rows(embedding, slice(None))
+        # NOTE: the checkpoint's own blocks when they have the head's width (a GGUF's Q8_0
+        # embedding under the 8-bit head): the same values as quantizing the table they were
+        # dequantized into, without the work (SmolLM2: ~0.13 s of a ~0.8 s cold start).
+        same_width = source is not None and source.bits == bits
+        head.load_weight_rows(source if same_width else embedding, slice(None))
         head.finish_loading()
         self.lm_head = head
+        self._head_from_embedding_blocks = same_width
 
     def embed_from_head(self, check: bool = True) -> bool:
         head = self.lm_head
@@ -306,7 +313,9 @@ class LlamaForCausalLM(CausalLM):
             return True
         if not self.config.tie_word_embeddings or head is None or head.bits is None:
             return False
-        if check and not torch.equal(head.dense_weight(), self.model.embed_tokens.weight):
+        # Blocks the embedding was itself dequantized from hold its values by construction.
+        exact = self._head_from_embedding_blocks or not check
+        if not exact and not torch.equal(head.dense_weight(), self.model.embed_tokens.weight):
             return False  # e.g. a float checkpoint's embedding under --quantize int8
         self.model.embed_tokens = HeadRowsEmbedding(head)
         return True

@@ -141,6 +141,7 @@ def build_model(
         if plan.tied_head is not None:
             model.quantize_tied_head(plan.tied_head, kernels)
             model.embed_from_head()
+        model.quantized_sources.clear()
     if not inference:
         return model
     return prepare_for_inference(model, device)

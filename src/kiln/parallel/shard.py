@@ -243,6 +243,7 @@ def load_rank_model(
     model, sharded = allocate_rank_model(config, dtype, group, max_positions)
     with torch.no_grad():
         model.load_weights(sharded.read(checkpoint), source=str(checkpoint.path))
+        model.quantized_sources.clear()  # float ranks: no quantized head takes them
     return model
 
 
