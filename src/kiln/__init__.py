@@ -14,15 +14,18 @@ from typing import TYPE_CHECKING, Any
 # (kiln/kernels/cpu_kernels.c), which then share that core with a spinner: a prefill step of a
 # few tokens, where torch ops and kiln's linear layers alternate, took 41-124 ms instead of the
 # 24 ms it takes with those threads asleep (OMP_WAIT_POLICY=PASSIVE) or with 3,000 polls. Not
-# PASSIVE:
-# llama.cpp (a benchmark peer, sharing the process's libgomp in process) meets at an OpenMP
-# barrier after every op, and decoded 27 tokens/s instead of 97 with it. A user's own
+# PASSIVE: llama.cpp (a benchmark peer, sharing the process's libgomp in process) meets at an
+# OpenMP barrier after every op, and decoded 27 tokens/s instead of 97 with it. A user's own
 # OMP_WAIT_POLICY or GOMP_SPINCOUNT wins; importing torch before kiln leaves libgomp's default
 # (kiln.kernels.native then logs a warning once).
-OPENMP_SPIN_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-SETS_OPENMP_SPIN = "torch" not in sys.modules and not any(
-    name in os.environ for name in OPENMP_SPIN_VARIABLES
-)
+
+
+def openmp_spin_is_set() -> bool:
+    """Whether the environment already says how libgomp's threads wait."""
+    return any(name in os.environ for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
+
+
+SETS_OPENMP_SPIN = "torch" not in sys.modules and not openmp_spin_is_set()
 """Whether this import set GOMP_SPINCOUNT (so a peer process can be started without it)."""
 if SETS_OPENMP_SPIN:
     os.environ["GOMP_SPINCOUNT"] = "3000"

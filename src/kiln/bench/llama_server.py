@@ -33,6 +33,8 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import kiln
+
 PACKAGE = "llama-cpp-python"
 BINARY = "llama-server"
 
@@ -255,8 +257,6 @@ def server_command(
 def peer_environment() -> dict[str, str]:
     """This process's environment without what ``import kiln`` set for kiln's own threads
     (GOMP_SPINCOUNT): a peer server runs with its defaults."""
-    import kiln
-
     environment = dict(os.environ)
     if kiln.SETS_OPENMP_SPIN:
         environment.pop("GOMP_SPINCOUNT", None)

@@ -279,7 +279,7 @@ def cpu_kernels() -> CPUKernels | None:
     if compiler is None:
         logger.warning("no C compiler (gcc): quantized weights run in floating point")
         return None
-    if not any(name in os.environ for name in kiln.OPENMP_SPIN_VARIABLES):
+    if not kiln.openmp_spin_is_set():
         logger.warning(
             "torch was imported before kiln, so its OpenMP threads spin long after each op and"
             " slow kiln's CPU kernels (prefill steps up to 5x); import kiln first, or set"
