@@ -15,6 +15,7 @@ from tokenizers import models, pre_tokenizers
 from kiln.errors import ModelLoadError
 from kiln.export.reader import map_safetensors, open_map, populate_in_background
 from kiln.export.writer import _write_tokenizer
+from kiln.kernels.native import cpu_kernels
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -125,9 +126,18 @@ def _resident_kib(address: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc")
-def test_populating_a_map_makes_all_its_pages_resident(tmp_path: Path) -> None:
+@pytest.mark.parametrize("through", ["kiln_populate", "madvise"])
+def test_populating_a_map_makes_all_its_pages_resident(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, through: str
+) -> None:
     import ctypes
 
+    from kiln.export import reader
+
+    if through == "madvise":  # where kiln's kernels cannot run
+        monkeypatch.setattr(reader, "cpu_kernels", lambda: None)
+    elif cpu_kernels() is None:
+        pytest.skip("kiln's CPU kernels cannot run here")
     file = tmp_path / "w.safetensors"
     save_file({"w": torch.randn(1 << 20)}, str(file), metadata={"format": "pt"})  # 4 MiB
     mapped = open_map(file)

@@ -17,6 +17,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import mmap
 import os
 import platform
 import shutil
@@ -137,6 +138,9 @@ class CPUKernels:
             ctypes.c_int64,
             ctypes.c_int,  # scale, window, threads
         ]
+        self._populate = library.kiln_populate
+        self._populate.restype = ctypes.c_int
+        self._populate.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
         self._dequantize = library.kiln_dequantize
         self._dequantize.restype = None
         self._dequantize.argtypes = [
@@ -245,6 +249,11 @@ class CPUKernels:
         out = torch.empty(tokens, width // 2, dtype=torch.float32)
         self._silu_mul(gate_up.data_ptr(), tokens, width // 2, out.data_ptr())
         return out
+
+    def populate(self, address: int, length: int) -> None:
+        """Read the ``length`` bytes of a file mapping at ``address`` into memory, map them and
+        read a byte of each page (see ``kiln_populate``): blocking, without the GIL."""
+        self._populate(address, length, mmap.PAGESIZE)
 
     def dequantize(self, bits: int, blocks: torch.Tensor) -> torch.Tensor:
         """``[N, K]`` float32 weights of quantized ``blocks``."""
