@@ -182,14 +182,9 @@ class CausalLM(nn.Module, abc.ABC):
                 module.kernels = kernels
         if not cpu_packing_available(self.dtype):
             return
-        warmed: set[tuple[int, ...]] = set()
         for module in self.modules():
             if isinstance(module, Linear) and module.bits is None and module.packed_weight is None:
                 module.pack_for_cpu()
-                # oneDNN's per-shape state is shared by layers of one weight shape.
-                if tuple(module.packed_weight.shape) not in warmed:
-                    warmed.add(tuple(module.packed_weight.shape))
-                    module.warm_up()
 
     def convert_parameters_to_buffers(self) -> None:
         """Re-register every parameter as a plain-tensor buffer (same name, same storage,

@@ -15,7 +15,10 @@ from kiln.quantization import GROUP_SIZE, GroupQuantized, quantize
 # distinct row count it sees and never frees it (measured: calls with 1..400 rows on four
 # 3072x576 matrices grew RSS by ~1 GB). Padding rows up to these sizes (exact up to 8, then
 # four per power of two, <= 25% padding) and splitting larger inputs into chunks of the
-# largest size bounds that state to a few dozen shapes.
+# largest size bounds that state to a few dozen shapes. A bucket's state is made on its first
+# use (~0.6 ms per weight shape), not at load: running every bucket at load meant matmuls of up
+# to 256 rows through each weight shape, the LM head's above all (SmolLM2-135M in float32:
+# 0.64 s of the 0.94 s an exported artifact took to load, and as much of a cold start).
 _ROW_BUCKETS = (
     *range(1, 9),
     *(base * k // 4 for base in (8, 16, 32, 64, 128) for k in (5, 6, 7, 8)),
@@ -199,14 +202,6 @@ class Linear(nn.Module):
             self.weight.detach(), batch_size=_PACKING_BATCH_HINT
         )
         self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
-
-    def warm_up(self) -> None:
-        """Run the packed kernel once at every row bucket, so that oneDNN's per-shape state
-        is created now rather than growing memory while serving."""
-        with torch.inference_mode():
-            for rows in _ROW_BUCKETS:
-                x = torch.zeros(rows, self.packed_weight.shape[1], dtype=self.packed_weight.dtype)
-                self.forward(x)
 
     def shard_rows(self, shard: int) -> slice:
         start = sum(self.output_sizes[:shard])
