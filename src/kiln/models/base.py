@@ -186,6 +186,23 @@ class CausalLM(nn.Module, abc.ABC):
             if isinstance(module, Linear) and module.bits is None and module.packed_weight is None:
                 module.pack_for_cpu()
 
+    def warm_up(self, max_tokens: int, max_sequences: int) -> None:
+        """Make oneDNN's state for every row bucket an engine with these limits can run the
+        packed layers at (see ``_ROW_BUCKETS`` in :mod:`kiln.models.layers.linear`): the LM
+        head takes one row per sequence sampled in a step, every other layer each token of the
+        step. Otherwise each bucket's state is made on its first use, and memory grows while
+        serving until every bucket in use has been seen (bounded: a few dozen shapes). Costs
+        the compute of every bucket's rows; layers of one weight shape share the state."""
+        head = getattr(self, "lm_head", None)
+        warmed: set[tuple[tuple[int, ...], int]] = set()
+        for module in self.modules():
+            if not isinstance(module, Linear) or module.packed_weight is None:
+                continue
+            rows = max_sequences if module is head else max_tokens
+            if (tuple(module.packed_weight.shape), rows) not in warmed:
+                warmed.add((tuple(module.packed_weight.shape), rows))
+                module.warm_up(rows)
+
     def convert_parameters_to_buffers(self) -> None:
         """Re-register every parameter as a plain-tensor buffer (same name, same storage,
         still in ``state_dict``). Call after loading (and packing): inference needs no

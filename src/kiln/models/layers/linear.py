@@ -16,9 +16,10 @@ from kiln.quantization import GROUP_SIZE, GroupQuantized, quantize
 # 3072x576 matrices grew RSS by ~1 GB). Padding rows up to these sizes (exact up to 8, then
 # four per power of two, <= 25% padding) and splitting larger inputs into chunks of the
 # largest size bounds that state to a few dozen shapes. A bucket's state is made on its first
-# use (~0.6 ms per weight shape), not at load: running every bucket at load meant matmuls of up
-# to 256 rows through each weight shape, the LM head's above all (SmolLM2-135M in float32:
-# 0.64 s of the 0.94 s an exported artifact took to load, and as much of a cold start).
+# use (~0.6 ms per weight shape), not when a model loads: making them all means running every
+# bucket's rows, ~1,650 tokens' worth of compute through the model (and up to 256 rows through
+# the LM head): 0.64 s of the 0.94 s a float32 SmolLM2-135M artifact took to load, minutes for
+# a 7B model on a CPU. CausalLM.warm_up makes them up front, for flat memory from the start.
 _ROW_BUCKETS = (
     *range(1, 9),
     *(base * k // 4 for base in (8, 16, 32, 64, 128) for k in (5, 6, 7, 8)),
@@ -202,6 +203,16 @@ class Linear(nn.Module):
             self.weight.detach(), batch_size=_PACKING_BATCH_HINT
         )
         self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
+
+    def warm_up(self, max_rows: int) -> None:
+        """Run the packed kernel once at every row bucket up to the one ``max_rows`` rows fall
+        in, so that oneDNN's per-shape state (~0.6 ms to make) is made now rather than while
+        serving."""
+        last = _row_bucket(min(max_rows, _MAX_PACKED_ROWS))
+        with torch.inference_mode():
+            for rows in _ROW_BUCKETS[: _ROW_BUCKETS.index(last) + 1]:
+                x = torch.zeros(rows, self.packed_weight.shape[1], dtype=self.packed_weight.dtype)
+                self.forward(x)
 
     def shard_rows(self, shard: int) -> slice:
         start = sum(self.output_sizes[:shard])
