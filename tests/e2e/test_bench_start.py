@@ -11,7 +11,7 @@ import pytest
 from kiln.bench.export_start import _evict, _read_seconds
 from kiln.cli.main import main
 
-_SECONDS = r"(\d+\.\d{3}) s  \(runs: \d+\.\d{3}\)"
+_SECONDS = r"(\d+(?:\.\d+)?(?:e-\d+)?) s  \(runs: [\d.e-]+\)"
 
 
 def test_bench_start_prints_every_figure_and_ratio(

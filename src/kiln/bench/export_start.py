@@ -168,7 +168,7 @@ def run(model: str | None, quantize: str | None, repeats: int) -> int:
     ]
     width = max(len(label) for label, _ in lines) + 1
     for label, name in lines:
-        print(f"{label + ':':<{width}} {median[name]:.3f} s  (runs: {_runs(times[name])})")
+        print(f"{label + ':':<{width}} {median[name]:.3g} s  (runs: {_runs(times[name])})")
     print(
         f"cold / warm: {median['cold'] / median['warm']:.2f}x | page cache: warm / read "
         f"{median['warm'] / median['read']:.1f}x, warm load / read "
@@ -180,4 +180,4 @@ def run(model: str | None, quantize: str | None, repeats: int) -> int:
 
 
 def _runs(values: list[float]) -> str:
-    return ", ".join(f"{v:.3f}" for v in values)
+    return ", ".join(f"{v:.3g}" for v in values)
