@@ -13,9 +13,9 @@ starting on a freshly pulled artifact may.
 
 Each timed process reports two figures: the load (``LLM(...)`` returned: weights, tokenizer,
 KV cache, engine) and the time to the first token (load plus one prefill step over a short
-prompt: 4 tokens for SmolLM2). The load is what compares with reading the bytes: the artifact's weights are mapped,
-not read, so the first step is where their pages are first touched, and that step's compute
-is the same for both sides.
+prompt: 4 tokens for SmolLM2). The load is what compares with reading the bytes: the
+artifact's weights are mapped, not read, so the first step is where their pages are first
+touched, and that step's compute is the same for both sides.
 """
 
 from __future__ import annotations
