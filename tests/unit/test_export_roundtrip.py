@@ -144,3 +144,21 @@ def test_tampered_weights_file_is_rejected_at_load(stories_dir: Path, tmp_path: 
     save_file(tensors, str(artifact / WEIGHTS_FILE))
     with pytest.raises(ModelLoadError, match=r"missing: \['model.norm.weight'\]"):
         LLM(str(artifact))
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_weights_are_read_ahead_only_when_they_fit_in_memory(
+    stories_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fits: bool
+) -> None:
+    from kiln.export import reader
+
+    artifact = reader.open_artifact(str(_export(stories_dir, tmp_path / "a", "fp32")))
+    assert artifact is not None
+    size = artifact.rank_file(0).stat().st_size
+    monkeypatch.setattr(reader, "available_memory", lambda: size * 2 if fits else size // 2)
+    artifact.prefetch()
+    # Read ahead: the weights file is mapped (and populated) already; not: nothing is mapped
+    # until the model is built, and then pages fault in as they are used.
+    assert (artifact.rank_file(0) in artifact._maps) is fits
+    llm = LLM(str(artifact.path))
+    assert llm.generate([PROMPTS[0]], GREEDY)[0].token_ids

@@ -182,8 +182,20 @@ class Artifact:
         called before the tokenizer is parsed and the modules are built, so a weights file
         that is not in the page cache is read from disk meanwhile, and one that is has its
         pages mapped before the first step touches them."""
-        if self.manifest.tp_degree == 1:
-            populate_in_background(self._map(self.rank_file(0)))
+        if self.manifest.tp_degree != 1:
+            return
+        file = self.rank_file(0)
+        size, available = file.stat().st_size, available_memory()
+        if available is not None and size > available:
+            # Reading it all would evict its own first pages again: they fault in as used.
+            logger.info(
+                "%s: %.1f GiB of weights, %.1f GiB of memory available: not read ahead",
+                file,
+                size / 2**30,
+                available / 2**30,
+            )
+            return
+        populate_in_background(self._map(file))
 
     def _map(self, file: Path) -> mmap.mmap:
         if file not in self._maps:
@@ -277,6 +289,19 @@ def open_map(file: Path) -> mmap.mmap:
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
         raise ModelLoadError(f"{file}: cannot read ({e})") from None
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel reckons can be used without swapping (``MemAvailable`` in
+    /proc/meminfo), or None where it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 _MADV_POPULATE_READ = 22  # Linux 5.14+; older kernels refuse it (EINVAL): pages fault in lazily
