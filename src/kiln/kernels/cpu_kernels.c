@@ -299,18 +299,65 @@ static inline void block_weights(int bits, const void *w, int64_t index, __m256 
     }
 }
 
+#if defined(__AVX512F__)
+/* A block's 32 weights as two vectors of 16 floats: the same values as block_weights. */
+static inline void block_weights16(int bits, const void *w, int64_t index, __m512 out[2]) {
+    __m128i low, high;
+    float d, m;
+    if (bits == 4) {
+        const block_int4 *b = (const block_int4 *)w + index;
+        const __m128i packed = _mm_loadu_si128((const __m128i *)b->qs);
+        const __m128i mask = _mm_set1_epi8(0x0F);
+        low = _mm_and_si128(packed, mask);
+        high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+        d = half_to_float(b->d), m = half_to_float(b->m);
+        out[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(low));
+        out[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(high));
+    } else {
+        const block_int8 *b = (const block_int8 *)w + index;
+        low = _mm_loadu_si128((const __m128i *)b->qs);
+        high = _mm_loadu_si128((const __m128i *)(b->qs + 16));
+        d = half_to_float(b->d), m = 0.0f;
+        out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(low));
+        out[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(high));
+    }
+    const __m512 scale = _mm512_set1_ps(d), offset = _mm512_set1_ps(m);
+    out[0] = _mm512_fmadd_ps(out[0], scale, offset);
+    out[1] = _mm512_fmadd_ps(out[1], scale, offset);
+}
+#endif
+
 /* Output feature n for ROWS float activation rows from m0: each
  * block is dequantized once into registers and multiplied into every row with float FMAs. For a
  * batch of decodes this beats integer dot products, whose per-block conversions and scalings
  * are paid once per row, and it is exact up to float rounding. ROWS is a compile-time constant
- * in each caller, so the accumulators stay in registers. */
+ * in each caller, so the accumulators stay in registers. A row's arithmetic is the same whatever
+ * ROWS is. With AVX-512, 16-float vectors, half the FMAs per block: CPUKernels.linear over
+ * SmolLM2's 121 quantized layers, 2 threads of a Xeon VM, against the 8-float version
+ * alternating, took 1.21x less time at 8 rows and 1.22x at 16 (two accumulators per row were no
+ * faster). */
 static inline __attribute__((always_inline)) void float_rows(int bits, const void *w, int64_t n,
                                                              int64_t G, const float *x,
                                                              int64_t m0, const int ROWS,
                                                              int64_t N, float *y) {
+    const int64_t K = G * GROUP;
+#if defined(__AVX512F__)
+    __m512 acc[8];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m512 wv[2];
+        _mm_prefetch(block_address(bits, w, n * G + g) + PREFETCH_WEIGHT_BYTES, _MM_HINT_T0);
+        block_weights16(bits, w, n * G + g, wv);
+        for (int r = 0; r < ROWS; r++) {
+            const float *xg = x + (m0 + r) * K + g * GROUP;
+            acc[r] = _mm512_fmadd_ps(wv[0], _mm512_loadu_ps(xg), acc[r]);
+            acc[r] = _mm512_fmadd_ps(wv[1], _mm512_loadu_ps(xg + 16), acc[r]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) y[(m0 + r) * N + n] = _mm512_reduce_add_ps(acc[r]);
+#else
     __m256 acc[8];
     for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
-    const int64_t K = G * GROUP;
     for (int64_t g = 0; g < G; g++) {
         __m256 wv[4];
         _mm_prefetch(block_address(bits, w, n * G + g) + PREFETCH_WEIGHT_BYTES, _MM_HINT_T0);
@@ -323,16 +370,26 @@ static inline __attribute__((always_inline)) void float_rows(int bits, const voi
         }
     }
     for (int r = 0; r < ROWS; r++) y[(m0 + r) * N + n] = hsum(acc[r]);
+#endif
 }
 
-/* Output feature n for all M rows, in chunks of 8, 4, 2 and 1 rows. */
+/* Output feature n for all M rows: passes of 8, then the rest in one pass (each pass
+ * dequantizes the block again: 5 rows as 4 + 1 took 1.89x as long as in one pass with AVX-512,
+ * measured as above). */
 static void float_feature(int bits, const void *w, int64_t n, int64_t G, const float *x,
                           int64_t M, int64_t N, float *y) {
     int64_t m0 = 0;
     for (; m0 + 8 <= M; m0 += 8) float_rows(bits, w, n, G, x, m0, 8, N, y);
-    if (m0 + 4 <= M) float_rows(bits, w, n, G, x, m0, 4, N, y), m0 += 4;
-    if (m0 + 2 <= M) float_rows(bits, w, n, G, x, m0, 2, N, y), m0 += 2;
-    if (m0 < M) float_rows(bits, w, n, G, x, m0, 1, N, y);
+    switch (M - m0) {
+    case 7: float_rows(bits, w, n, G, x, m0, 7, N, y); break;
+    case 6: float_rows(bits, w, n, G, x, m0, 6, N, y); break;
+    case 5: float_rows(bits, w, n, G, x, m0, 5, N, y); break;
+    case 4: float_rows(bits, w, n, G, x, m0, 4, N, y); break;
+    case 3: float_rows(bits, w, n, G, x, m0, 3, N, y); break;
+    case 2: float_rows(bits, w, n, G, x, m0, 2, N, y); break;
+    case 1: float_rows(bits, w, n, G, x, m0, 1, N, y); break;
+    default: break;
+    }
 }
 
 /* The integer dot product of a block's codes with 32 int16 activations, as 8 int32 partial
