@@ -149,3 +149,28 @@ def test_populating_a_map_makes_all_its_pages_resident(
     assert _resident_kib(address) >= file.stat().st_size // 1024 - 4
     # The tensors are views of the populated map, with the file's values.
     assert torch.equal(map_safetensors(file, mapped)["w"], load_file(str(file))["w"])
+
+
+def test_populating_a_map_of_a_file_cut_short_does_not_crash(tmp_path: Path) -> None:
+    """Pages past the file's new end cannot be read (SIGBUS): the populating thread must not
+    try. In a child process, so a crash fails this test instead of ending the run."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import os
+        from pathlib import Path
+        from kiln.export.reader import open_map, populate_in_background
+        file = Path({str(tmp_path / "w.bin")!r})
+        file.write_bytes(b"x" * (8 << 20))
+        mapped = open_map(file)
+        os.truncate(file, 1 << 20)
+        populate_in_background(mapped).join(timeout=30)
+        print("populated")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "populated"

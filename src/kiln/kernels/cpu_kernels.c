@@ -28,6 +28,7 @@
  * done by one while the others wait.
  */
 #define _DEFAULT_SOURCE /* madvise */
+#include <errno.h>
 #include <immintrin.h>
 #include <math.h>
 #include <pthread.h>
@@ -1049,10 +1050,13 @@ int kiln_llama_decode(float *hidden, float *residual, const kiln_llama_layer *la
  * the first read of their pages took ~100 ms longer than the next in about 2 starts in 5, with
  * no page fault in the guest (the hypervisor backing the page cache's memory, it seems), and
  * that landed on the first request. Reading them here pays it in the loading thread's
- * background instead. Where the kernel refuses the advice (older than 5.14), the reads fault
- * the pages in. Returns madvise's result. */
+ * background instead. Where the kernel does not know the advice (EINVAL: older than 5.14), the
+ * reads fault the pages in; where it failed otherwise (EFAULT, EIO: a file cut short or a read
+ * error), nothing is read, as reading such a page would raise SIGBUS in this thread rather
+ * than where the model uses it. Returns madvise's result. */
 int kiln_populate(const void *addr, int64_t length, int64_t page) {
     const int status = madvise((void *)addr, (size_t)length, MADV_POPULATE_READ);
+    if (status != 0 && errno != EINVAL) return status;
     const volatile unsigned char *bytes = addr;
     unsigned char seen = 0;
     for (int64_t i = 0; i < length; i += page) seen ^= bytes[i];
