@@ -262,26 +262,35 @@ static void quantize_activations(const float *x, int64_t M, int64_t K, int16_t *
     }
 }
 
+/* A block's 32 codes as two vectors of 16 bytes (codes 0..15, then 16..31; unsigned for
+ * int4, signed for int8), its scale and offset (0 for int8). */
+static inline void block_codes(int bits, const void *w, int64_t index, __m128i *low,
+                               __m128i *high, float *d, float *m) {
+    if (bits == 4) {
+        const block_int4 *b = (const block_int4 *)w + index;
+        const __m128i packed = _mm_loadu_si128((const __m128i *)b->qs);
+        const __m128i mask = _mm_set1_epi8(0x0F);
+        *low = _mm_and_si128(packed, mask);
+        *high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+        *d = half_to_float(b->d), *m = half_to_float(b->m);
+    } else {
+        const block_int8 *b = (const block_int8 *)w + index;
+        *low = _mm_loadu_si128((const __m128i *)b->qs);
+        *high = _mm_loadu_si128((const __m128i *)(b->qs + 16));
+        *d = half_to_float(b->d), *m = 0.0f;
+    }
+}
+
 /* A block's 32 codes as two vectors of 16 int16 (codes 0..15, then 16..31), its scale and
  * offset (0 for int8). */
 static inline void load_block(int bits, const void *w, int64_t index, __m256i codes[2],
                               float *d, float *m) {
     __m128i low, high;
-    if (bits == 4) {
-        const block_int4 *b = (const block_int4 *)w + index;
-        const __m128i packed = _mm_loadu_si128((const __m128i *)b->qs);
-        const __m128i mask = _mm_set1_epi8(0x0F);
-        low = _mm_and_si128(packed, mask);
-        high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+    block_codes(bits, w, index, &low, &high, d, m);
+    if (bits == 4)
         codes[0] = _mm256_cvtepu8_epi16(low), codes[1] = _mm256_cvtepu8_epi16(high);
-        *d = half_to_float(b->d), *m = half_to_float(b->m);
-    } else {
-        const block_int8 *b = (const block_int8 *)w + index;
-        low = _mm_loadu_si128((const __m128i *)b->qs);
-        high = _mm_loadu_si128((const __m128i *)(b->qs + 16));
+    else
         codes[0] = _mm256_cvtepi8_epi16(low), codes[1] = _mm256_cvtepi8_epi16(high);
-        *d = half_to_float(b->d), *m = 0.0f;
-    }
 }
 
 /* A block's 32 weights as four vectors of 8 floats (d * code + m: the exact dequantized values). */
@@ -305,20 +314,11 @@ static inline void block_weights(int bits, const void *w, int64_t index, __m256 
 static inline void block_weights16(int bits, const void *w, int64_t index, __m512 out[2]) {
     __m128i low, high;
     float d, m;
+    block_codes(bits, w, index, &low, &high, &d, &m);
     if (bits == 4) {
-        const block_int4 *b = (const block_int4 *)w + index;
-        const __m128i packed = _mm_loadu_si128((const __m128i *)b->qs);
-        const __m128i mask = _mm_set1_epi8(0x0F);
-        low = _mm_and_si128(packed, mask);
-        high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-        d = half_to_float(b->d), m = half_to_float(b->m);
         out[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(low));
         out[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(high));
     } else {
-        const block_int8 *b = (const block_int8 *)w + index;
-        low = _mm_loadu_si128((const __m128i *)b->qs);
-        high = _mm_loadu_si128((const __m128i *)(b->qs + 16));
-        d = half_to_float(b->d), m = 0.0f;
         out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(low));
         out[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(high));
     }
@@ -326,6 +326,23 @@ static inline void block_weights16(int bits, const void *w, int64_t index, __m51
     out[0] = _mm512_fmadd_ps(out[0], scale, offset);
     out[1] = _mm512_fmadd_ps(out[1], scale, offset);
 }
+
+/* The float row path's vectors: 16 floats with AVX-512, else 8. */
+typedef __m512 fvec;
+#define FVEC_FLOATS 16
+#define fvec_zero _mm512_setzero_ps
+#define fvec_load _mm512_loadu_ps
+#define fvec_fmadd _mm512_fmadd_ps
+#define fvec_sum _mm512_reduce_add_ps
+#define block_fvecs block_weights16
+#else
+typedef __m256 fvec;
+#define FVEC_FLOATS 8
+#define fvec_zero _mm256_setzero_ps
+#define fvec_load _mm256_loadu_ps
+#define fvec_fmadd _mm256_fmadd_ps
+#define fvec_sum hsum
+#define block_fvecs block_weights
 #endif
 
 /* Output feature n for ROWS float activation rows from m0: each
@@ -342,36 +359,21 @@ static inline __attribute__((always_inline)) void float_rows(int bits, const voi
                                                              int64_t m0, const int ROWS,
                                                              int64_t N, float *y) {
     const int64_t K = G * GROUP;
-#if defined(__AVX512F__)
-    __m512 acc[8];
-    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+    fvec acc[8];
+    for (int r = 0; r < ROWS; r++) acc[r] = fvec_zero();
     for (int64_t g = 0; g < G; g++) {
-        __m512 wv[2];
+        fvec wv[GROUP / FVEC_FLOATS];
         _mm_prefetch(block_address(bits, w, n * G + g) + PREFETCH_WEIGHT_BYTES, _MM_HINT_T0);
-        block_weights16(bits, w, n * G + g, wv);
+        block_fvecs(bits, w, n * G + g, wv);
         for (int r = 0; r < ROWS; r++) {
             const float *xg = x + (m0 + r) * K + g * GROUP;
-            acc[r] = _mm512_fmadd_ps(wv[0], _mm512_loadu_ps(xg), acc[r]);
-            acc[r] = _mm512_fmadd_ps(wv[1], _mm512_loadu_ps(xg + 16), acc[r]);
-        }
-    }
-    for (int r = 0; r < ROWS; r++) y[(m0 + r) * N + n] = _mm512_reduce_add_ps(acc[r]);
-#else
-    __m256 acc[8];
-    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
-        __m256 wv[4];
-        _mm_prefetch(block_address(bits, w, n * G + g) + PREFETCH_WEIGHT_BYTES, _MM_HINT_T0);
-        block_weights(bits, w, n * G + g, wv);
-        for (int r = 0; r < ROWS; r++) {
-            const float *xg = x + (m0 + r) * K + g * GROUP;
-            __m256 a = acc[r];
-            for (int i = 0; i < 4; i++) a = _mm256_fmadd_ps(wv[i], _mm256_loadu_ps(xg + 8 * i), a);
+            fvec a = acc[r];
+            for (int i = 0; i < GROUP / FVEC_FLOATS; i++)
+                a = fvec_fmadd(wv[i], fvec_load(xg + FVEC_FLOATS * i), a);
             acc[r] = a;
         }
     }
-    for (int r = 0; r < ROWS; r++) y[(m0 + r) * N + n] = hsum(acc[r]);
-#endif
+    for (int r = 0; r < ROWS; r++) y[(m0 + r) * N + n] = fvec_sum(acc[r]);
 }
 
 /* Output feature n for all M rows: passes of 8, then the rest in one pass (each pass
