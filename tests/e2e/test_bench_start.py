@@ -26,6 +26,7 @@ def test_bench_start_prints_every_figure_and_ratio(
         "cold load (checkpoint -> LLM ready)",
         "warm load (artifact -> LLM ready)",
         "read the artifact's bytes (page cache)",
+        "its tokenizer parse alone (page cache)",
         "from disk: warm start",
         "from disk: warm load",
         "from disk: read the artifact's bytes",

@@ -47,22 +47,36 @@ print(json.dumps({"load_s": load, "ttft_s": time.perf_counter() - start}))
 # The read is timed in a fresh process started the same way as a warm start's (kiln and torch
 # imported first), so that both find the page cache in the same state: read by the parent
 # right after the files were dropped, the pages came back as fast, while a warm start ~1.5 s of
-# process start later met, on a VM, a first touch ~0.1 s slower in about half the runs.
-_READ_CHILD = """
-import sys
+# process start later met, on a VM, a first touch ~0.1 s slower in about half the runs. The
+# tokenizer parse is timed alone the same way: a fixed part of every warm start, whatever the
+# size of the weights.
+_SECONDS_CHILD = """
+import sys, time
 from pathlib import Path
 import kiln, torch
+import tokenizers
 from kiln.bench.export_start import _read_seconds
-print(_read_seconds(Path(sys.argv[1])))
+path, what = Path(sys.argv[1]), sys.argv[2]
+if what == "read":
+    print(_read_seconds(path))
+else:
+    start = time.perf_counter()
+    tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    print(time.perf_counter() - start)
 """
 
 
-def _read_in_fresh_process(path: Path) -> float:
+def _seconds_in_fresh_process(path: Path, what: str) -> float:
+    """Seconds to read ``path``'s files (``what`` "read") or to parse its tokenizer
+    ("tokenizer"), in a fresh process."""
     result = subprocess.run(
-        [sys.executable, "-c", _READ_CHILD, str(path)], capture_output=True, text=True, check=False
+        [sys.executable, "-c", _SECONDS_CHILD, str(path), what],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
-        raise RuntimeError(f"the timed read failed:\n{result.stderr[-2000:]}")
+        raise RuntimeError(f"the timed {what} failed:\n{result.stderr[-2000:]}")
     return float(result.stdout.strip().splitlines()[-1])
 
 
@@ -148,13 +162,14 @@ def run(model: str | None, quantize: str | None, repeats: int) -> int:
             load_s, ttft_s = _time_to_first_token(str(artifact), {})
             timed("warm load", load_s)
             timed("warm", ttft_s)
-            timed("read", _read_in_fresh_process(artifact))
+            timed("read", _seconds_in_fresh_process(artifact, "read"))
+            timed("tokenizer", _seconds_in_fresh_process(artifact, "tokenizer"))
             _evict(artifact)
             load_s, ttft_s = _time_to_first_token(str(artifact), {})
             timed("disk warm load", load_s)
             timed("disk warm", ttft_s)
             _evict(artifact)
-            timed("disk read", _read_in_fresh_process(artifact))
+            timed("disk read", _seconds_in_fresh_process(artifact, "read"))
     median = {name: statistics.median(values) for name, values in times.items()}
     lines = [
         ("cold start (checkpoint -> first token)", "cold"),
@@ -162,6 +177,7 @@ def run(model: str | None, quantize: str | None, repeats: int) -> int:
         ("cold load (checkpoint -> LLM ready)", "cold load"),
         ("warm load (artifact -> LLM ready)", "warm load"),
         ("read the artifact's bytes (page cache)", "read"),
+        ("its tokenizer parse alone (page cache)", "tokenizer"),
         ("from disk: warm start", "disk warm"),
         ("from disk: warm load", "disk warm load"),
         ("from disk: read the artifact's bytes", "disk read"),
