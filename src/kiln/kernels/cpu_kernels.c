@@ -332,6 +332,7 @@ typedef __m512 fvec;
 #define FVEC_FLOATS 16
 #define fvec_zero _mm512_setzero_ps
 #define fvec_load _mm512_loadu_ps
+#define fvec_store _mm512_storeu_ps
 #define fvec_fmadd _mm512_fmadd_ps
 #define fvec_sum _mm512_reduce_add_ps
 #define block_fvecs block_weights16
@@ -340,6 +341,7 @@ typedef __m256 fvec;
 #define FVEC_FLOATS 8
 #define fvec_zero _mm256_setzero_ps
 #define fvec_load _mm256_loadu_ps
+#define fvec_store _mm256_storeu_ps
 #define fvec_fmadd _mm256_fmadd_ps
 #define fvec_sum hsum
 #define block_fvecs block_weights
@@ -615,9 +617,10 @@ static void run_dequantize(void *arg, int tid, int n) {
     int64_t lo, hi;
     share(j->blocks, tid, n, &lo, &hi);
     for (int64_t i = lo; i < hi; i++) {
-        __m256 wv[4];
-        block_weights(j->bits, j->w, i, wv);
-        for (int k = 0; k < 4; k++) _mm256_storeu_ps(j->out + i * GROUP + 8 * k, wv[k]);
+        fvec wv[GROUP / FVEC_FLOATS];
+        block_fvecs(j->bits, j->w, i, wv);
+        for (int k = 0; k < GROUP / FVEC_FLOATS; k++)
+            fvec_store(j->out + i * GROUP + FVEC_FLOATS * k, wv[k]);
     }
 }
 
