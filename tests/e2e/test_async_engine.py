@@ -428,10 +428,9 @@ def _leak_workload(model_dir: str, num_requests: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     probe = _llm(Path(model_dir), kv_cache_memory=1 << 20)
     kv_cache_memory = 40 * kv_bytes_per_block(probe.config, 16, probe.dtype)
-    llm = _llm(Path(model_dir), kv_cache_memory=kv_cache_memory, max_num_seqs=32)
-    # oneDNN's state for each row bucket is otherwise made on its first use: a batch size
-    # first seen late in the run would read as growth.
-    llm.model.warm_up(llm.loaded.args.max_num_batched_tokens, 32)
+    # warm_up: oneDNN's state for each row bucket is otherwise made on its first use, and a
+    # batch size first seen late in the run would read as growth.
+    llm = _llm(Path(model_dir), kv_cache_memory=kv_cache_memory, max_num_seqs=32, warm_up=True)
     del probe
     async_engine = _started(llm.engine)
     rng = random.Random(0)

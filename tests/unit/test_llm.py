@@ -139,6 +139,25 @@ def test_small_steps_blocks_and_cache_give_the_same_tokens(stories_dir, llm) -> 
     assert small.engine.stats().num_preemptions >= 1
 
 
+def test_warm_up_changes_no_token(stories_dir, llm) -> None:
+    """warm_up=True runs the packed layers at every row bucket before the first request (the
+    leak test checks that memory then stays flat); what it computes is thrown away."""
+    warmed = LLM(
+        str(stories_dir),
+        dtype="float32",
+        device="cpu",
+        chat_template="llama-2",
+        kv_cache_memory=SMALL_CACHE,
+        max_num_batched_tokens=64,
+        warm_up=True,
+    )
+    assert warmed.loaded.args.warm_up
+    params = [GREEDY.replace(max_new_tokens=n) for n in (5, 64, 17, 40)]
+    expected = llm.generate(PROMPTS, params)
+    for out, reference in zip(warmed.generate(PROMPTS, params), expected, strict=True):
+        assert out.token_ids == reference.token_ids
+
+
 # --- stops --------------------------------------------------------------------------------
 
 

@@ -130,6 +130,8 @@ def build_engine(args: EngineArgs, *, progress: bool = False) -> LoadedEngine:
         from kiln.train.adapter import load_adapter
 
         load_adapter(model, args.adapter)
+    if args.warm_up:
+        model.warm_up(args.max_num_batched_tokens, args.max_num_seqs)
     cache_config = args.cache_config()
     num_blocks = num_kv_blocks(config, cache_config, dtype, device)
     kv_caches = allocate_kv_cache(config, num_blocks, args.block_size, dtype, device)

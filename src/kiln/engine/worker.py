@@ -189,6 +189,8 @@ def _start(spec: WorkerSpec, conn: Connection) -> RankRunner:
     )
     group = TensorParallelGroup(spec.rank, spec.world_size)
     model = load_shard(spec, group, device)
+    if spec.args.warm_up:
+        model.warm_up(spec.args.max_num_batched_tokens, spec.args.max_num_seqs)
     config = rank_config(spec.config, spec.world_size)
     conn.send(ShardLoaded(spec.rank, _num_blocks(spec, config, device)))
     message = conn.recv()
