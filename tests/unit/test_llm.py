@@ -3,6 +3,7 @@ penalties, logprobs, chat history truncation, load errors, dtypes, generation_co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -139,19 +140,11 @@ def test_small_steps_blocks_and_cache_give_the_same_tokens(stories_dir, llm) -> 
     assert small.engine.stats().num_preemptions >= 1
 
 
-def test_warm_up_changes_no_token(stories_dir, llm) -> None:
+def test_warm_up_changes_no_token(llm) -> None:
     """warm_up=True runs the packed layers at every row bucket before the first request (the
     leak test checks that memory then stays flat); what it computes is thrown away."""
-    warmed = LLM(
-        str(stories_dir),
-        dtype="float32",
-        device="cpu",
-        chat_template="llama-2",
-        kv_cache_memory=SMALL_CACHE,
-        max_num_batched_tokens=64,
-        warm_up=True,
-    )
-    assert warmed.loaded.args.warm_up
+    args = dataclasses.replace(llm.loaded.args, max_num_batched_tokens=64, warm_up=True)
+    warmed = LLM.from_args(args)
     params = [GREEDY.replace(max_new_tokens=n) for n in (5, 64, 17, 40)]
     expected = llm.generate(PROMPTS, params)
     for out, reference in zip(warmed.generate(PROMPTS, params), expected, strict=True):
