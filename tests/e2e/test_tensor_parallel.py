@@ -104,11 +104,11 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def pair(request: pytest.FixtureRequest, checkpoints: dict[str, Path]) -> Iterator[tuple]:
-    """The same checkpoint in one process and over two ranks; the ranks must be gone after
-    shutdown."""
+    """The same checkpoint in one process and over two ranks (which also warm their packed
+    layers up at start: that must change nothing); the ranks must be gone after shutdown."""
     path = str(checkpoints[request.param])
     single = LLM(path, **OPTIONS)
-    parallel = LLM(path, tp=2, **OPTIONS)
+    parallel = LLM(path, tp=2, warm_up=True, **OPTIONS)
     pids = parallel.engine.executor.pids
     assert len(pids) == 2 and all(_alive(p) for p in pids)
     yield single, parallel
