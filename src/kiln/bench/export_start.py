@@ -94,16 +94,12 @@ def _time_to_first_token(model: str, options: dict[str, object]) -> tuple[float,
     return float(times["load_s"]), float(times["ttft_s"])
 
 
-def _files(path: Path) -> list[Path]:
-    return sorted(path.iterdir()) if path.is_dir() else [path]
-
-
 def _read_seconds(path: Path) -> float:
-    """Seconds to read every byte of ``path``'s files, in 16 MiB reads into one reused buffer
-    (no allocation per read: the floor a load is compared with)."""
+    """Seconds to read every byte of the files in the directory ``path``, in 16 MiB reads into
+    one reused buffer (no allocation per read: the floor a load is compared with)."""
     view = memoryview(bytearray(1 << 24))
     start = time.perf_counter()
-    for file in _files(path):
+    for file in sorted(path.iterdir()):
         with open(file, "rb", buffering=0) as f:
             while f.readinto(view):
                 pass
@@ -111,9 +107,10 @@ def _read_seconds(path: Path) -> float:
 
 
 def _evict(path: Path) -> None:
-    """Drop ``path``'s files from the page cache (written back first: dirty pages stay), so
-    that the next reader reads the disk. No privileges needed: it is advice on our own files."""
-    for file in _files(path):
+    """Drop the files in the directory ``path`` from the page cache (written back first: dirty
+    pages stay), so that the next reader reads the disk. No privileges needed: it is advice on
+    our own files."""
+    for file in sorted(path.iterdir()):
         fd = os.open(file, os.O_RDONLY)
         try:
             os.fsync(fd)
