@@ -107,14 +107,14 @@ def test_quantized_linear_keeps_the_activation_dtype(kernels):
 def test_kernel_library_is_built_once_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
     compiler = "gcc"
-    first = native._build(compiler, native.cpu_flags())
+    first = native._build(native._SOURCE, compiler, native.cpu_flags())
     assert first.parent == tmp_path / "kernels" and first.exists()
     built_at = first.stat().st_mtime_ns
-    assert native._build(compiler, native.cpu_flags()) == first
+    assert native._build(native._SOURCE, compiler, native.cpu_flags()) == first
     assert first.stat().st_mtime_ns == built_at
     assert list(first.parent.iterdir()) == [first]  # no scratch left behind
     # Another CPU's flags name another file: a shared cache never hands over a foreign build.
-    assert native._build(compiler, native.cpu_flags() | {"made_up_flag"}) != first
+    assert native._build(native._SOURCE, compiler, native.cpu_flags() | {"made_up_flag"}) != first
 
 
 def test_float_checkpoint_plans(stories_dir: Path):

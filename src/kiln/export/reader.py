@@ -33,6 +33,7 @@ from kiln.models.loader import DTYPES, allocate_model, prepare_for_inference
 from kiln.parallel.group import TensorParallelGroup
 from kiln.parallel.shard import allocate_rank_model
 from kiln.quantization import GROUP_SIZE
+from kiln.text.compiled_tokenizer import COMPILED_TOKENIZER_FILE, CompiledTokenizer
 from kiln.weights.checkpoint import Checkpoint, WeightIterator
 from kiln.weights.hf import load_hf_dir
 
@@ -126,14 +127,25 @@ class Artifact:
 
     def checkpoint(self, name: str) -> Checkpoint:
         """Config, tokenizer and chat template as a :class:`Checkpoint`; its weights are read
-        by :meth:`build_model`, not through ``load_weights``."""
-        checkpoint = load_hf_dir(self.path, name)
+        by :meth:`build_model`, not through ``load_weights``. The tokenizer is the compiled one
+        where the artifact has it and it loads here, else ``tokenizer.json`` parsed."""
+        checkpoint = load_hf_dir(self.path, name, self._compiled_tokenizer())
         return dataclasses.replace(
             checkpoint,
             load_weights=self._refuse_plain_loading,
             load_quantized_weights=None,
             weight_formats={},
         )
+
+    def _compiled_tokenizer(self) -> CompiledTokenizer | None:
+        file = self.path / COMPILED_TOKENIZER_FILE
+        if not file.is_file():
+            return None
+        try:
+            return CompiledTokenizer(file, self.path / "tokenizer.json")
+        except ModelLoadError as e:
+            logger.warning("%s; parsing tokenizer.json instead", e)
+            return None
 
     def _refuse_plain_loading(self) -> WeightIterator:
         raise ModelLoadError(

@@ -32,6 +32,7 @@ import kiln
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_BPE_SOURCE = Path(__file__).with_name("bpe.c")
 _REQUIRED_FLAGS = frozenset({"avx2", "fma", "f16c"})
 _CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-std=c11")
 GROUP_SIZE = 32
@@ -295,7 +296,7 @@ def cpu_kernels() -> CPUKernels | None:
             " GOMP_SPINCOUNT=3000"
         )
     try:
-        return CPUKernels(ctypes.CDLL(str(_build(compiler, flags))))
+        return CPUKernels(ctypes.CDLL(str(_build(_SOURCE, compiler, flags))))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = (getattr(e, "stderr", None) or "").strip()[-2000:]  # the compiler's own words
         logger.warning(
@@ -306,8 +307,24 @@ def cpu_kernels() -> CPUKernels | None:
         return None
 
 
-def _build(compiler: str, flags: frozenset[str]) -> Path:
-    source = _SOURCE.read_bytes()
+@functools.cache
+def bpe_library() -> ctypes.CDLL | None:
+    """``bpe.c`` built (kiln's compiled tokenizers merge with it); None where it cannot be
+    (not Linux, no C compiler, a failed build): callers then use ``tokenizers`` alone."""
+    if os.environ.get("KILN_NATIVE_KERNELS", "1") == "0" or platform.system() != "Linux":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        return None
+    try:
+        return ctypes.CDLL(str(_build(_BPE_SOURCE, compiler, cpu_flags())))
+    except (OSError, subprocess.CalledProcessError) as e:
+        logger.warning("could not build kiln's BPE merging (%s): tokenizers parses instead", e)
+        return None
+
+
+def _build(path: Path, compiler: str, flags: frozenset[str]) -> Path:
+    source = path.read_bytes()
     key = hashlib.sha256(
         b"\0".join(
             [
@@ -318,7 +335,7 @@ def _build(compiler: str, flags: frozenset[str]) -> Path:
             ]
         )
     ).hexdigest()[:16]
-    target = cache_dir() / f"cpu_kernels-{key}.so"
+    target = cache_dir() / f"{path.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -326,7 +343,7 @@ def _build(compiler: str, flags: frozenset[str]) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         subprocess.run(
-            [compiler, *_CFLAGS, str(_SOURCE), "-o", str(built), "-lm"],
+            [compiler, *_CFLAGS, str(path), "-o", str(built), "-lm"],
             check=True,
             capture_output=True,
             text=True,

@@ -1,5 +1,6 @@
 """Text in and out of the model: tokenizer, chat templates, history truncation, streaming
-detokenization and stop strings. Imports only `kiln.config` and `kiln.errors`."""
+detokenization and stop strings. Imports only `kiln.config`, `kiln.errors` and
+`kiln.kernels` (the compiled tokenizer's merging)."""
 
 from kiln.text.chat_template import (
     ChatTemplate,

@@ -4,6 +4,7 @@ transformers' fast tokenizer for that config (same ids in, same text out)."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from typing import Any, overload
 
@@ -11,6 +12,7 @@ import tokenizers
 
 from kiln.errors import ModelLoadError
 from kiln.text.chat_template import config_chat_template
+from kiln.text.compiled_tokenizer import CompiledTokenizer
 
 # transformers' SPECIAL_TOKENS_ATTRIBUTES, in its order: `all_special_ids` follows it.
 _SPECIAL_TOKEN_KEYS = (
@@ -71,7 +73,9 @@ class Tokenizer:
 
     Args:
         tokenizer: the backend from ``tokenizer.json`` (never mutated: adjustments are made on
-            a private copy, since the Checkpoint's object may be shared).
+            a private copy, since the Checkpoint's object may be shared), or an artifact's
+            compiled form of it (compiled from the adjusted backend: it encodes and decodes,
+            and the backend is parsed and adjusted only when something else is asked of it).
         tokenizer_config: ``tokenizer_config.json`` contents.
 
     Chat prompts: a rendered chat template already contains whatever BOS text the model wants
@@ -81,10 +85,22 @@ class Tokenizer:
     ``add_special_tokens=True`` would add a second BOS.
     """
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, tokenizer_config: dict[str, Any]) -> None:
+    def __init__(
+        self, tokenizer: tokenizers.Tokenizer | CompiledTokenizer, tokenizer_config: dict[str, Any]
+    ) -> None:
         self.tokenizer_config = dict(tokenizer_config)
         self._special_tokens_map = self._read_special_tokens_map(self.tokenizer_config)
-        self._backend = self._prepare_backend(tokenizer, self.tokenizer_config)
+        self._compiled: CompiledTokenizer | None = None
+        self._prepared: tokenizers.Tokenizer | None = None
+        self._preparing = threading.Lock()
+        if isinstance(tokenizer, CompiledTokenizer):
+            self._compiled = tokenizer
+        else:
+            self._prepared = self._prepare_backend(tokenizer, self.tokenizer_config)
+        # What encodes and decodes: the compiled form where there is one.
+        self._backend: tokenizers.Tokenizer | CompiledTokenizer = (
+            self._compiled if self._compiled is not None else self._prepared
+        )
 
         self._bos_token_id = self._id_of(self.bos_token)
         self._eos_token_id = self._id_of(self.eos_token)
@@ -201,15 +217,20 @@ class Tokenizer:
 
     # --- encode / decode ------------------------------------------------------------------
 
+    def _encode_ids(self, text: str, add_special_tokens: bool) -> list[int]:
+        if self._compiled is not None:
+            return self._compiled.encode_ids(text, add_special_tokens=add_special_tokens)
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for `text`, with BOS/EOS added the way transformers would for this config."""
         if not add_special_tokens:
-            return self._backend.encode(text, add_special_tokens=False).ids
+            return self._encode_ids(text, add_special_tokens=False)
         if self._add_bos is None:
-            return self._backend.encode(text, add_special_tokens=True).ids
+            return self._encode_ids(text, add_special_tokens=True)
         # NOTE: the config overrides the post-processor here (LlamaTokenizerFast rebuilds it as
         # "[bos] $A [eos]" from the flags); adding the ids ourselves avoids mutating the backend.
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        ids = self._encode_ids(text, add_special_tokens=False)
         if self._add_bos:
             ids.insert(0, self._bos_token_id)
         if self._add_eos:
@@ -219,7 +240,7 @@ class Tokenizer:
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """What :meth:`encode` gives, with each token's ``[start, stop)`` character span in
         ``text`` (a BOS or EOS that kiln adds itself spans nothing), from one encoding."""
-        encoding = self._backend.encode(text, add_special_tokens=self._add_bos is None)
+        encoding = self.backend.encode(text, add_special_tokens=self._add_bos is None)
         ids, offsets = list(encoding.ids), list(encoding.offsets)
         if self._add_bos:
             ids.insert(0, self._bos_token_id)  # type: ignore[arg-type]
@@ -232,7 +253,7 @@ class Tokenizer:
     def encode_chat(self, rendered_prompt: str) -> list[int]:
         """Ids for a rendered chat template: no special tokens added, since the template already
         wrote them as text (transformers' `apply_chat_template(tokenize=True)` does the same)."""
-        return self._backend.encode(rendered_prompt, add_special_tokens=False).ids
+        return self._encode_ids(rendered_prompt, add_special_tokens=False)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         text = self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
@@ -259,7 +280,16 @@ class Tokenizer:
 
     @property
     def backend(self) -> tokenizers.Tokenizer:
-        return self._backend
+        """The ``tokenizers`` object, adjusted to the config (for a compiled tokenizer: parsed
+        from ``tokenizer.json`` on first use)."""
+        if self._prepared is None:
+            with self._preparing:
+                if self._prepared is None:
+                    assert self._compiled is not None
+                    self._prepared = self._prepare_backend(
+                        self._compiled.full, self.tokenizer_config
+                    )
+        return self._prepared
 
     @property
     def bos_token(self) -> str | None:

@@ -11,6 +11,7 @@ import tokenizers
 import torch
 
 from kiln.quantization import GroupQuantized
+from kiln.text.compiled_tokenizer import CompiledTokenizer
 
 WeightIterator = Iterator[tuple[str, torch.Tensor]]
 QuantizedWeightIterator = Iterator[tuple[str, torch.Tensor | GroupQuantized]]
@@ -30,7 +31,8 @@ class Checkpoint:
     """Local directory or file the weights are read from."""
     config: dict[str, Any]
     """Hugging Face ``config.json`` contents (rebuilt from metadata for GGUF)."""
-    tokenizer: tokenizers.Tokenizer
+    tokenizer: tokenizers.Tokenizer | CompiledTokenizer
+    """``tokenizer.json`` parsed, or an exported artifact's compiled form of it."""
     tokenizer_config: dict[str, Any]
     """``tokenizer_config.json`` contents: ``chat_template``, ``bos_token``, ``eos_token``,
     ``add_bos_token``, ``add_eos_token``, ``added_tokens_decoder``..."""

@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from kiln.config import ModelConfig
 from kiln.config.model import read_json
 from kiln.errors import ModelLoadError
+from kiln.text.compiled_tokenizer import CompiledTokenizer
 from kiln.weights.checkpoint import Checkpoint, WeightIterator
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -24,8 +25,10 @@ TORCH_SINGLE = "pytorch_model.bin"
 _LOOKED_FOR = (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "*.safetensors", TORCH_INDEX, TORCH_SINGLE)
 
 
-def load_hf_dir(path: Path, name: str) -> Checkpoint:
-    """Read config, tokenizer and the list of weight files; weights themselves load lazily."""
+def load_hf_dir(path: Path, name: str, tokenizer: CompiledTokenizer | None = None) -> Checkpoint:
+    """Read config, tokenizer and the list of weight files; weights themselves load lazily.
+    ``tokenizer``: one already loaded (an artifact's compiled tokenizer), instead of parsing
+    ``tokenizer.json``."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -36,7 +39,8 @@ def load_hf_dir(path: Path, name: str) -> Checkpoint:
         ModelConfig.from_hf(config, generation_config)
     except ModelLoadError as e:
         raise ModelLoadError(f"{path}: {e}") from None
-    tokenizer = _load_tokenizer(path / "tokenizer.json")
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(path / "tokenizer.json")
     tokenizer_config = _optional_json(path / "tokenizer_config.json")
     template = _chat_template(path)
     if template is not None:

@@ -13,28 +13,11 @@ import re
 from collections.abc import Sequence
 
 from kiln.server.openai.schemas import CompletionLogprobs, TokenLogprob, TopLogprob
+from kiln.text.byte_level import byte_decoder
 from kiln.text.tokenizer import Tokenizer
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SENTENCEPIECE_SPACE = "\u2581"  # "▁"
-
-
-@functools.cache
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's bytes_to_unicode, inverted: the printable character standing for each byte."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 class TokenRenderer:
@@ -65,7 +48,7 @@ class TokenRenderer:
         if match is not None:
             return bytes([int(match.group(1), 16)])
         if self._byte_level:
-            table = _byte_decoder()
+            table = byte_decoder()
             if all(c in table for c in piece):
                 return bytes(table[c] for c in piece)
         elif self._sentencepiece:
