@@ -169,17 +169,15 @@ static int64_t merge_piece(const kiln_bpe *bpe, const uint8_t *bytes, int32_t le
     return count;
 }
 
-// Merges each of `count` pieces of `bytes` (piece i ends at ends[i], the first starts at 0)
-// into `out`, which holds as many ids as `bytes` has bytes (a piece never gives more ids than
-// bytes), and the number of ids of piece i into counts[i]. Returns the number of ids, or -1
-// when out of memory.
-int64_t kiln_bpe_encode(const kiln_bpe *bpe, const uint8_t *bytes, const int64_t *ends,
+// Merges each of `count` pieces of `bytes` (piece i is bytes[spans[2i]:spans[2i + 1]], the
+// pieces in order and apart) into `out`, which holds as many ids as the pieces have bytes (a
+// piece never gives more ids than bytes), and the number of ids of piece i into counts[i].
+// Returns the number of ids, or -1 when out of memory.
+int64_t kiln_bpe_encode(const kiln_bpe *bpe, const uint8_t *bytes, const int64_t *spans,
                         int64_t count, int32_t *out, int64_t *counts) {
-    int64_t longest = 0, start = 0;
-    for (int64_t i = 0; i < count; i++) {
-        if (ends[i] - start > longest) longest = ends[i] - start;
-        start = ends[i];
-    }
+    int64_t longest = 0;
+    for (int64_t i = 0; i < count; i++)
+        if (spans[2 * i + 1] - spans[2 * i] > longest) longest = spans[2 * i + 1] - spans[2 * i];
     if (longest == 0) {
         memset(counts, 0, count * sizeof(int64_t));
         return 0;
@@ -193,14 +191,12 @@ int64_t kiln_bpe_encode(const kiln_bpe *bpe, const uint8_t *bytes, const int64_t
         return -1;
     }
     int64_t written = 0;
-    start = 0;
     for (int64_t i = 0; i < count; i++) {
-        int32_t length = (int32_t)(ends[i] - start);
-        counts[i] = length > 0 ? merge_piece(bpe, bytes + start, length, out + written, scratch,
-                                             heap)
+        int32_t length = (int32_t)(spans[2 * i + 1] - spans[2 * i]);
+        counts[i] = length > 0 ? merge_piece(bpe, bytes + spans[2 * i], length, out + written,
+                                             scratch, heap)
                                : 0;
         written += counts[i];
-        start = ends[i];
     }
     free(scratch);
     free(heap);

@@ -237,13 +237,14 @@ class _Merger:
         if getattr(self, "_table", None):
             self._library.kiln_bpe_free(self._table)
 
-    def merge(self, data: bytes, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The ids of the pieces of ``data`` (piece i ends at ``ends[i]``) and how many each
-        piece gave."""
+    def merge(self, data: bytes, spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of the pieces of ``data`` (``spans``: [pieces, 2] byte ranges, in order and
+        apart) and how many each piece gave."""
+        spans = np.ascontiguousarray(spans, dtype=np.int64)
         out = np.empty(len(data), dtype=np.int32)
-        counts = np.empty(len(ends), dtype=np.int64)
+        counts = np.empty(len(spans), dtype=np.int64)
         written = self._library.kiln_bpe_encode(
-            self._table, data, ends.ctypes.data, len(ends), out.ctypes.data, counts.ctypes.data
+            self._table, data, spans.ctypes.data, len(spans), out.ctypes.data, counts.ctypes.data
         )
         if written < 0:
             raise MemoryError("kiln_bpe_encode")
@@ -292,28 +293,30 @@ class CompiledTokenizer:
     def encode_ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """``tokenizers.Tokenizer.encode(text, add_special_tokens=...).ids``."""
         encoding = self._pipeline.encode(text, add_special_tokens=add_special_tokens)
-        ids, offsets = encoding.ids, encoding.offsets
-        piece_id = self._piece_id
-        pieces = [offsets[i] for i, token_id in enumerate(ids) if token_id == piece_id]
-        if not pieces:
-            return ids
-        chunks = [text[start:end].encode("utf-8") for start, end in pieces]
-        ends = np.cumsum([len(c) for c in chunks], dtype=np.int64)
-        merged, counts = self._merger.merge(b"".join(chunks), ends)
-        if len(pieces) == len(ids):
+        token_ids = np.asarray(encoding.ids, dtype=np.int64)
+        pieces = token_ids == self._piece_id
+        if not pieces.any():
+            return encoding.ids
+        spans = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)[pieces]
+        data = text.encode("utf-8")
+        if len(data) != len(text):  # not all ASCII: character offsets to byte offsets
+            code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            widths = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
+            spans = np.concatenate(([0], np.cumsum(widths)))[spans]
+        merged, counts = self._merger.merge(data, spans)
+        if pieces.all():
             return merged.tolist()
-        out: list[int] = []
-        merged_ids, piece_counts = merged.tolist(), counts.tolist()
-        at = piece = 0
-        for token_id in ids:
-            if token_id != piece_id:
-                out.append(token_id)
-                continue
-            count = piece_counts[piece]
-            out += merged_ids[at : at + count]
-            at += count
-            piece += 1
-        return out
+        # Each piece's place takes its merged ids; the other tokens (added tokens, the
+        # post-processor's) stay where they are.
+        per_token = np.ones(len(token_ids), dtype=np.int64)
+        per_token[pieces] = counts
+        kept_at = np.cumsum(per_token)[~pieces] - 1
+        out = np.empty(int(per_token.sum()), dtype=np.int64)
+        from_pieces = np.ones(len(out), dtype=bool)
+        from_pieces[kept_at] = False
+        out[from_pieces] = merged
+        out[kept_at] = token_ids[~pieces]
+        return out.tolist()
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """``tokenizers.Tokenizer.decode``: unknown ids are left out, as there."""
