@@ -57,3 +57,20 @@ def test_read_seconds_reads_every_file_and_evicting_keeps_the_bytes(tmp_path: Pa
     _evict(tmp_path)  # written back and dropped from the page cache, not changed
     assert (tmp_path / "a.bin").read_bytes() == b"\1" * (3 << 20)
     assert (tmp_path / "b.json").read_text() == '{"x": 1}'
+
+
+def test_tokenizer_loads_are_timed_as_a_warm_start_does_them(
+    smollm2_gguf: Path, tmp_path: Path
+) -> None:
+    from kiln.bench.export_start import _seconds_in_fresh_process
+    from kiln.export.writer import ExportOptions, export_artifact
+    from kiln.text.compiled_tokenizer import COMPILED_TOKENIZER_FILE
+
+    artifact = tmp_path / "artifact"
+    export_artifact(str(smollm2_gguf), artifact, ExportOptions(1, 256, "fp32", None, "cpu"))
+    assert _seconds_in_fresh_process(artifact, "tokenizer") > 0
+    assert _seconds_in_fresh_process(artifact, "tokenizer.json") > 0
+    # The compiled load really reads the compiled file: without it, the child fails.
+    (artifact / COMPILED_TOKENIZER_FILE).unlink()
+    with pytest.raises(RuntimeError, match="the timed tokenizer failed"):
+        _seconds_in_fresh_process(artifact, "tokenizer")
