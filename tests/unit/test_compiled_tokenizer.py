@@ -97,6 +97,15 @@ def test_decode_matches_tokenizers(pair, skip_special_tokens: bool) -> None:
         assert compiled.decode(ids, skip_special_tokens) == expected, ids
 
 
+def test_invalid_ids_are_refused_as_tokenizers_refuses_them(pair) -> None:
+    backend, compiled = pair
+    for ids, error in (([-1], OverflowError), ([1 << 40], OverflowError), ([1.5], TypeError)):
+        with pytest.raises(error):
+            backend.decode(ids)
+        with pytest.raises(error):
+            compiled.decode(ids)
+
+
 def test_tokens_and_sizes_match_tokenizers(pair) -> None:
     backend, compiled = pair
     size = backend.get_vocab_size(with_added_tokens=True)

@@ -251,10 +251,11 @@ def _write(
 
 
 def _write_tokenizer(tokenizer: tokenizers.Tokenizer, path: Path) -> None:
-    """``tokenizer.json`` in the form that parses fastest, since parsing it was the largest
-    part of a warm start (SmolLM2, 2 cores: 0.14 s of ~0.27 s; the parse holds the GIL, so it
-    cannot overlap the weights' loading): compact, and a BPE's merges as ``"a b"`` strings
-    rather than ``["a", "b"]`` pairs (measured: ~15% less parsing). Both merge forms are read
+    """``tokenizer.json`` in the form that parses fastest, for the tokenizers that cannot be
+    compiled (kiln.text.compiled_tokenizer), whose warm start parses it (SmolLM2's, 2 cores:
+    0.14 s of ~0.27 s before it was compiled; the parse holds the GIL): compact, and a BPE's
+    merges as ``"a b"`` strings rather than ``["a", "b"]`` pairs (measured: ~15% less
+    parsing). Both merge forms are read
     by ``tokenizers`` into the same model; the string form cannot hold a token with a space,
     so a tokenizer with one keeps its pairs."""
     data = json.loads(tokenizer.to_str())
