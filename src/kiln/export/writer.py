@@ -255,9 +255,8 @@ def _write_tokenizer(tokenizer: tokenizers.Tokenizer, path: Path) -> None:
     compiled (kiln.text.compiled_tokenizer), whose warm start parses it (SmolLM2's, 2 cores:
     0.14 s of ~0.27 s before it was compiled; the parse holds the GIL): compact, and a BPE's
     merges as ``"a b"`` strings rather than ``["a", "b"]`` pairs (measured: ~15% less
-    parsing). Both merge forms are read
-    by ``tokenizers`` into the same model; the string form cannot hold a token with a space,
-    so a tokenizer with one keeps its pairs."""
+    parsing). Both merge forms are read by ``tokenizers`` into the same model; the string
+    form cannot hold a token with a space, so a tokenizer with one keeps its pairs."""
     data = json.loads(tokenizer.to_str())
     model = data.get("model") or {}
     merges = model.get("merges")

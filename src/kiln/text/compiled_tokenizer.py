@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import logging
 import operator
 import threading
 from collections.abc import Sequence
@@ -35,8 +34,6 @@ from safetensors.numpy import load_file, save_file
 from kiln.errors import ModelLoadError
 from kiln.kernels.native import bpe_library
 from kiln.text.byte_level import byte_decoder, byte_encoder
-
-logger = logging.getLogger(__name__)
 
 COMPILED_TOKENIZER_FILE = "kiln_tokenizer.safetensors"
 _FORMAT = "1"
